@@ -1,0 +1,92 @@
+"""Composition of the stages for the CLI and the server: settings in, a ready service out."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.runnables import Runnable
+
+from chains.embeddings import PymilvusEmbeddings, load_tokenizer, make_embeddings
+from chains.llm import make_llm
+from chains.rag import build_rag_chain
+from chains.retrieval import MilvusRetriever, make_retriever
+from chains.store import RagStore, make_store
+from errors import StoreError
+from loaders.markdown import Chunker, token_counter
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RagService:
+    """Settings, the embedding model, the store (opened on demand), retriever, LLM and chain."""
+
+    settings: Settings
+    embeddings: PymilvusEmbeddings
+    llm: Any = None
+    _store: RagStore | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    retriever: MilvusRetriever = field(init=False)
+    chain: Runnable = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.retriever = make_retriever(
+            self.get_store, self.settings.top_k, self.settings.search, self.settings.max_k
+        )
+        self.chain = build_rag_chain(self.retriever, self.llm)
+
+    def get_store(self) -> RagStore:
+        """The open store; opens it (again) if it isn't, raising StoreError if Milvus is down."""
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    self._store = make_store(self.settings, self.embeddings)
+        return self._store
+
+    def chunker(self) -> Chunker:
+        """The chunker matched to the embedding model's tokenizer."""
+        tokenizer = load_tokenizer(self.embeddings.model_dir)
+        return Chunker(token_counter(tokenizer), self.settings.chunk_tokens)
+
+    def health(self) -> dict[str, Any]:
+        """Whether Milvus and the collection are reachable, and how much is stored."""
+        report: dict[str, Any] = {
+            "milvus": False,
+            "collection": False,
+            "chunks": 0,
+            "milvus_uri": self.settings.milvus_uri,
+            "collection_name": self.settings.collection,
+            "llm_configured": self.settings.llm_configured,
+            "embedding_model": self.embeddings.name,
+        }
+        try:
+            store = self.get_store()
+            report["collection"] = store.exists()
+            report["milvus"] = True
+            report["chunks"] = store.count()
+        except StoreError as exc:
+            report["error"] = str(exc)
+        except Exception as exc:  # the connection broke after opening: reopen next time
+            report["error"] = f"Milvus stopped answering: {exc}"
+            self.close()
+        return report
+
+    def close(self) -> None:
+        """Close the store's connection."""
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+
+def open_service(settings: Settings, llm: Any = "auto") -> RagService:
+    """A service for these settings; `llm="auto"` builds DeepSeek from settings."""
+    return RagService(
+        settings=settings,
+        embeddings=make_embeddings(settings),
+        llm=make_llm(settings) if llm == "auto" else llm,
+    )

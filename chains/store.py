@@ -1,0 +1,211 @@
+"""Opening Milvus (a Lite file, a server or Zilliz Cloud) and the collection schema we use."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from langchain_milvus import BM25BuiltInFunction, Milvus
+from pymilvus import DataType, MilvusClient
+
+from chains.embeddings import PymilvusEmbeddings
+from errors import StoreError
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+TEXT_FIELD = "text"
+DENSE_FIELD = "dense"
+SPARSE_FIELD = "sparse"
+PRIMARY_FIELD = "pk"
+METADATA_SCHEMA: dict[str, Any] = {
+    "source": {"dtype": DataType.VARCHAR, "kwargs": {"max_length": 2048}},
+    "root": {"dtype": DataType.VARCHAR, "kwargs": {"max_length": 2048}},
+    "headers": {
+        "dtype": DataType.ARRAY,
+        "kwargs": {"element_type": DataType.VARCHAR, "max_capacity": 16, "max_length": 1024},
+    },
+    "chunk_index": {"dtype": DataType.INT64, "kwargs": {}},
+}
+# langchain-milvus's defaults for a BM25 field (`drop_ratio_build` in the search params,
+# metric IP) are rejected by Milvus Lite: it wants SPARSE_INVERTED_INDEX with metric BM25.
+DENSE_INDEX = {"index_type": "FLAT", "metric_type": "COSINE", "params": {}}
+SPARSE_INDEX = {"index_type": "SPARSE_INVERTED_INDEX", "metric_type": "BM25", "params": {}}
+SEARCH_PARAMS = [{"metric_type": "COSINE", "params": {}}, {"metric_type": "BM25", "params": {}}]
+OUTPUT_FIELDS = [TEXT_FIELD, "source", "root", "headers", "chunk_index"]
+
+
+def connection_args(settings: Settings) -> dict[str, Any]:
+    """pymilvus connection arguments for MILVUS_URI / MILVUS_TOKEN."""
+    uri = settings.milvus_uri
+    if not settings.milvus_is_server:
+        path = Path(uri).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        uri = str(path.resolve())
+    args: dict[str, Any] = {"uri": uri}
+    if settings.milvus_token is not None:
+        args["token"] = settings.milvus_token.get_secret_value()
+    return args
+
+
+def describe_failure(settings: Settings, exc: Exception) -> str:
+    """A message that says what went wrong opening Milvus and what to do."""
+    text = str(exc)
+    if not settings.milvus_is_server and ("lock" in text.lower() or "opened by another" in text):
+        return (
+            f"the Milvus Lite file {settings.milvus_uri} is in use by another process "
+            "(Milvus Lite allows one process per file): stop `rag serve`, or run "
+            "`milvus-lite server --data-dir DIR --port 19530` and set MILVUS_URI=http://127.0.0.1:19530"
+        )
+    return (
+        f"cannot reach Milvus at {settings.milvus_uri}: {text.splitlines()[0] if text else exc!r}"
+    )
+
+
+@dataclass
+class RagStore:
+    """The langchain-milvus store plus the raw client, for the calls LangChain doesn't wrap."""
+
+    vectorstore: Milvus
+    collection: str
+    embeddings: PymilvusEmbeddings
+    settings: Settings
+
+    @property
+    def client(self) -> MilvusClient:
+        """The pymilvus client that the LangChain store owns."""
+        return self.vectorstore.client
+
+    def exists(self) -> bool:
+        """Whether the collection has been created (by a first ingest)."""
+        return bool(self.client.has_collection(self.collection))
+
+    def count(self) -> int:
+        """Number of chunks stored."""
+        if not self.exists():
+            return 0
+        rows = self.client.query(self.collection, filter="", output_fields=["count(*)"])
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    def flush(self) -> None:
+        """Seal fresh rows so that searches stop scanning the unindexed memtable."""
+        if self.exists():
+            self.client.flush(self.collection)
+
+    def close(self) -> None:
+        """Release the connection (and the Milvus Lite file lock)."""
+        try:
+            self.client.close()
+        except Exception:  # pragma: no cover - closing twice is harmless
+            log.debug("closing the Milvus client failed", exc_info=True)
+
+
+def check_collection(client: MilvusClient, collection: str, embeddings: PymilvusEmbeddings) -> None:
+    """Raise StoreError if an existing collection can't hold this model's vectors."""
+    if not client.has_collection(collection):
+        return
+    info = client.describe_collection(collection)
+    fields = {f["name"]: f for f in info.get("fields", [])}
+    if DENSE_FIELD not in fields or SPARSE_FIELD not in fields:
+        raise StoreError(
+            f"collection {collection!r} was not created by this service (fields: "
+            f"{', '.join(sorted(fields))}); set RAG_COLLECTION to another name"
+        )
+    stored_dim = int(fields[DENSE_FIELD].get("params", {}).get("dim", 0))
+    if stored_dim != embeddings.dimension:
+        raise StoreError(
+            f"collection {collection!r} holds {stored_dim}-dimensional vectors but the embedding "
+            f"model {embeddings.name!r} makes {embeddings.dimension}-dimensional ones: use the "
+            "model it was built with, or set RAG_COLLECTION to a new name and ingest again"
+        )
+    description = info.get("description") or ""
+    if description.startswith("{"):
+        stored_model = json.loads(description).get("embedding_model")
+        if stored_model and stored_model != embeddings.name:
+            log.warning(
+                "collection %r was built with %s, now querying with %s",
+                collection,
+                stored_model,
+                embeddings.name,
+            )
+
+
+def make_store(settings: Settings, embeddings: PymilvusEmbeddings) -> RagStore:
+    """Open (never drop) the collection that settings name; it is created on first ingest."""
+    try:
+        vectorstore = Milvus(
+            embedding_function=embeddings,
+            collection_name=settings.collection,
+            collection_description=json.dumps(
+                {"embedding_model": embeddings.name, "dimension": embeddings.dimension}
+            ),
+            connection_args=connection_args(settings),
+            consistency_level="Strong",
+            index_params=[DENSE_INDEX, SPARSE_INDEX],
+            search_params=SEARCH_PARAMS,
+            drop_old=False,
+            auto_id=False,
+            primary_field=PRIMARY_FIELD,
+            text_field=TEXT_FIELD,
+            vector_field=[DENSE_FIELD, SPARSE_FIELD],
+            builtin_function=BM25BuiltInFunction(
+                input_field_names=TEXT_FIELD, output_field_names=SPARSE_FIELD
+            ),
+            metadata_schema=METADATA_SCHEMA,
+        )
+    except StoreError:
+        raise
+    except Exception as exc:
+        raise StoreError(describe_failure(settings, exc)) from exc
+    try:
+        check_collection(vectorstore.client, settings.collection, embeddings)
+    except StoreError:
+        vectorstore.client.close()
+        raise
+    return RagStore(vectorstore, settings.collection, embeddings, settings)
+
+
+def escape(value: str) -> str:
+    """A string literal for a Milvus filter expression."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def collection_stats(store: RagStore) -> dict[str, Any]:
+    """Chunk count, sources, embedding model, dimension and index type of the collection."""
+    stats: dict[str, Any] = {
+        "collection": store.collection,
+        "total_chunks": 0,
+        "sources": [],
+        "embedding_model": store.embeddings.name,
+        "dimension": store.embeddings.dimension,
+        "index_type": DENSE_INDEX["index_type"],
+    }
+    if not store.exists():
+        return stats
+    stats["total_chunks"] = store.count()
+    info = store.client.describe_collection(store.collection)
+    description = info.get("description") or ""
+    if description.startswith("{"):
+        stats["embedding_model"] = json.loads(description).get("embedding_model")
+    for f in info.get("fields", []):
+        if f["name"] == DENSE_FIELD:
+            stats["dimension"] = int(f.get("params", {}).get("dim", 0))
+    try:
+        index = store.client.describe_index(store.collection, DENSE_FIELD)
+        stats["index_type"] = index.get("index_type", stats["index_type"])
+    except Exception:
+        log.debug("describe_index failed", exc_info=True)
+    sources: set[str] = set()
+    iterator = store.client.query_iterator(
+        store.collection, batch_size=4096, filter="", output_fields=["source"]
+    )
+    try:
+        while rows := iterator.next():
+            sources.update(row["source"] for row in rows)
+    finally:
+        iterator.close()
+    stats["sources"] = sorted(sources)
+    return stats

@@ -1,0 +1,270 @@
+"""The `rag` command: ingest, search, ask, serve, stats. It parses, calls and prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from errors import InputError, RagError
+from settings import Settings, get_settings
+
+PROJECT_DOCS = Path(__file__).resolve().parent / "docs"
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _service(settings: Settings, llm: Any = "auto") -> Any:
+    from chains.service import open_service
+
+    return open_service(settings, llm=llm)
+
+
+def _question(text: str | None, settings: Settings) -> str:
+    if text is None or not text.strip():
+        raise InputError("the question is empty")
+    if len(text) > settings.max_question_chars:
+        raise InputError(
+            f"the question is {len(text)} characters long; the limit is "
+            f"{settings.max_question_chars} (RAG_MAX_QUESTION_CHARS)"
+        )
+    return text.strip()
+
+
+def cmd_ingest(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    """Ingest paths (default: the project's docs/)."""
+    from loaders.ingest import ingest
+
+    paths = args.paths or [str(PROJECT_DOCS)]
+    service = _service(settings, llm=None)
+    try:
+        report = ingest(
+            paths,
+            service.get_store(),
+            service.chunker(),
+            prune=args.prune,
+            max_bytes=int(args.max_mb * 1024 * 1024),
+            batch_size=settings.embedding_batch_size,
+            progress=not args.json and not args.quiet,
+        )
+    finally:
+        service.close()
+    if args.json:
+        print(json.dumps(report.as_dict()), file=out)
+    else:
+        for skipped in report.skipped:
+            print(f"skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
+        print(report.summary(), file=out)
+    return EXIT_ERROR if report.failed else 0
+
+
+def _queries(args: argparse.Namespace) -> Iterator[str]:
+    if args.query is not None:
+        yield args.query
+        return
+    for line in sys.stdin:
+        if line.strip():
+            yield line.strip()
+
+
+def cmd_search(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    """Retrieval only, for one query or one per line of standard input."""
+    service = _service(settings, llm=None)
+    try:
+        for query in _queries(args):
+            query = _question(query, settings)
+            documents = service.retriever.retrieve(
+                query, k=args.k, search=args.mode, source_glob=args.source, expr=args.filter
+            )
+            results = [
+                {
+                    "text": d.page_content,
+                    "source": d.metadata["source"],
+                    "headers": d.metadata["headers"],
+                    "score": round(d.metadata["score"], 4),
+                }
+                for d in documents
+            ]
+            if args.json:
+                print(json.dumps({"query": query, "results": results}), file=out, flush=True)
+                continue
+            print(f"? {query}", file=out)
+            if not results:
+                print("  (no results: is anything ingested? try `rag ingest`)", file=out)
+            for n, r in enumerate(results, start=1):
+                section = " > ".join(r["headers"])
+                print(f"[{n}] {r['score']:.3f}  {r['source']}  {section}", file=out)
+                snippet = " ".join(r["text"].split())[:200]
+                print(f"    {snippet}", file=out)
+            out.flush()
+    finally:
+        service.close()
+    return 0
+
+
+def _print_sources(sources: list[dict[str, Any]], out: TextIO) -> None:
+    if not sources:
+        return
+    print("\nSources:", file=out)
+    for s in sources:
+        section = " > ".join(s["headers"])
+        print(f"[{s['n']}] {s['source']}" + (f" — {section}" if section else ""), file=out)
+
+
+def cmd_ask(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    """Answer a question with sources; streams unless --json or --no-stream."""
+    from chains.llm import describe_llm_error
+
+    question = _question(args.question, settings)
+    service = _service(settings)
+    chain = service.chain
+    payload = {"question": question}
+    if args.k is not None:
+        service.retriever.k = args.k
+    try:
+        if args.json or args.no_stream:
+            result = chain.invoke(payload)
+            if args.json:
+                print(json.dumps(result), file=out)
+            else:
+                print(result["answer"], file=out)
+                _print_sources(result["sources"], out)
+            return 0
+        sources: list[dict[str, Any]] = []
+        for chunk in chain.stream(payload):
+            if "sources" in chunk:
+                sources = chunk["sources"]
+            if "answer" in chunk:
+                out.write(chunk["answer"])
+                out.flush()
+        out.write("\n")
+        _print_sources(sources, out)
+        return 0
+    except RagError:
+        raise
+    except Exception as exc:
+        llm_error = describe_llm_error(exc, settings)
+        if llm_error is not None:
+            raise llm_error from exc
+        raise
+    finally:
+        service.close()
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    """Run the HTTP server."""
+    import uvicorn
+
+    from server import create_app
+
+    host = args.host or settings.host
+    port = args.port or settings.port
+    print(f"serving on http://{host}:{port} (playground: /rag/playground/)", file=out, flush=True)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    """What the collection holds."""
+    from chains.store import collection_stats
+
+    service = _service(settings, llm=None)
+    try:
+        stats = collection_stats(service.get_store())
+    finally:
+        service.close()
+    if args.json:
+        print(json.dumps(stats), file=out)
+    else:
+        for key, value in stats.items():
+            shown = len(value) if isinstance(value, list) else value
+            print(f"{key:16} {shown}", file=out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for `rag`."""
+    parser = argparse.ArgumentParser(
+        prog="rag", description="Question answering over your documents with Milvus and DeepSeek."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ingest", help="load, split, embed and store documents")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="files, folders, .zip archives or URLs")
+    p.add_argument("--prune", action="store_true", help="delete chunks of files gone from a root")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--max-mb", type=float, default=20.0, help="skip files larger than this")
+    p.set_defaults(handler=cmd_ingest)
+
+    p = sub.add_parser("search", help="retrieve passages (no LLM)")
+    p.add_argument("query", nargs="?", help="the query; reads one per line from stdin if absent")
+    p.add_argument("-k", type=int, default=None, help="number of results")
+    p.add_argument("--mode", choices=["hybrid", "dense", "sparse"], default=None)
+    p.add_argument("--source", default=None, help="only sources matching this glob, e.g. 'faq/*'")
+    p.add_argument("--filter", default=None, help="a Milvus filter expression")
+    p.add_argument("--json", action="store_true", help="one JSON line per query")
+    p.set_defaults(handler=cmd_search)
+
+    p = sub.add_parser("ask", help="answer a question with citations")
+    p.add_argument("question")
+    p.add_argument("-k", type=int, default=None, help="passages given to the model")
+    p.add_argument("--json", action="store_true", help="print the chain's output as JSON")
+    p.add_argument("--no-stream", action="store_true", help="print the answer when complete")
+    p.set_defaults(handler=cmd_ask)
+
+    p = sub.add_parser("serve", help="run the LangServe HTTP server")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser("stats", help="what the collection holds")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_stats)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    for name in ("pymilvus", "milvus_lite", "httpx", "sentence_transformers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(
+    argv: list[str] | None = None,
+    settings_factory: Callable[[], Settings] = get_settings,
+    out: TextIO | None = None,
+) -> int:
+    """Entry point of the `rag` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = out or sys.stdout
+    _quiet_libraries()
+    try:
+        settings = settings_factory()
+        return int(args.handler(args, settings, out))
+    except RagError as exc:
+        print(f"rag: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, InputError) else EXIT_ERROR
+    except KeyboardInterrupt:
+        print("rag: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # anything else: one line, not a traceback
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError):
+            fields = ", ".join(str(e["loc"][0]) for e in exc.errors() if e.get("loc"))
+            print(
+                f"rag: error: invalid configuration ({fields}): {exc.errors()[0]['msg']}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        print(f"rag: error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Ingest: files → chunks → ids from content → embed only what is new → Milvus; a summary.
+
+Chunk ids are hashes of (root, source, position, text), so Milvus alone can tell what is
+already stored: no record manager to keep in step with the collection. New chunks are
+written before stale ones are deleted, so a crash at any point leaves either the old or
+the new version of a file, never neither, and the next run finishes the job.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from langchain_core.documents import Document
+from tqdm import tqdm
+
+from chains.store import PRIMARY_FIELD, RagStore, escape
+from loaders.markdown import Chunker, chunk_id
+from loaders.sources import DEFAULT_MAX_BYTES, DocumentSourceLoader, Skipped
+
+
+@dataclass
+class IngestReport:
+    """What an ingest did. Chunk counts, except `files`."""
+
+    files: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    total_chunks: int = 0
+    seconds: float = 0.0
+    skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        """True when any file could not be ingested."""
+        return bool(self.skipped)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON summary."""
+        data = asdict(self)
+        data["seconds"] = round(self.seconds, 2)
+        data["skipped"] = [{"path": s.path, "reason": s.reason} for s in self.skipped]
+        return data
+
+    def summary(self) -> str:
+        """One line for the terminal."""
+        return (
+            f"{self.files} files: {self.added} chunks added, {self.updated} updated, "
+            f"{self.unchanged} unchanged, {self.deleted} deleted; {self.total_chunks} chunks "
+            f"stored; {self.seconds:.1f} s"
+            + (f"; {len(self.skipped)} skipped" if self.skipped else "")
+        )
+
+
+class _Writer:
+    """Buffers new chunks, embeds them in batches and writes them, then runs deletes."""
+
+    def __init__(self, store: RagStore, batch_size: int, bar: Any):
+        self.store = store
+        self.batch_size = batch_size
+        self.bar = bar
+        self.pending: list[tuple[str, Document]] = []
+        self.pending_deletes: list[str] = []
+
+    def add(self, items: Iterable[tuple[str, Document]], deletes: Iterable[str]) -> None:
+        self.pending.extend(items)
+        self.pending_deletes.extend(deletes)
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            ids = [i for i, _ in self.pending]
+            texts = [d.page_content for _, d in self.pending]
+            vectors = self.store.embeddings.embed_documents(texts)
+            self.store.vectorstore.add_embeddings(
+                texts, vectors, [d.metadata for _, d in self.pending], ids=ids
+            )
+            self.bar.set_postfix_str(f"{len(ids)} chunks embedded", refresh=False)
+            self.pending = []
+        # Deletes only after the replacing chunks are stored: see the module docstring.
+        self.delete(self.pending_deletes)
+        self.pending_deletes = []
+
+    def delete(self, ids: list[str]) -> None:
+        for start in range(0, len(ids), 1000):
+            self.store.client.delete(self.store.collection, ids=ids[start : start + 1000])
+
+
+def stored_ids(store: RagStore, root: str) -> dict[str, set[str]]:
+    """Ids of the chunks stored under one root, by source."""
+    by_source: dict[str, set[str]] = defaultdict(set)
+    if not store.exists():
+        return by_source
+    iterator = store.client.query_iterator(
+        store.collection,
+        batch_size=4096,
+        filter=f"root == {escape(root)}",
+        output_fields=[PRIMARY_FIELD, "source"],
+    )
+    try:
+        while rows := iterator.next():
+            for row in rows:
+                by_source[row["source"]].add(row[PRIMARY_FIELD])
+    finally:
+        iterator.close()
+    return by_source
+
+
+def ingest(
+    paths: list[str],
+    store: RagStore,
+    chunker: Chunker,
+    *,
+    prune: bool = False,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> IngestReport:
+    """Bring the store in line with the files under `paths`; returns what changed."""
+    started = time.perf_counter()
+    report = IngestReport()
+    loader = DocumentSourceLoader(paths, max_bytes=max_bytes)
+    stored: dict[str, dict[str, set[str]]] = {}
+    seen: dict[str, set[str]] = defaultdict(set)
+    bar = tqdm(
+        total=loader.count_candidates(),
+        unit="file",
+        desc="ingest",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    writer = _Writer(store, batch_size, bar)
+    with bar:
+        for document in loader.lazy_load():
+            bar.update(1)
+            root, source = document.metadata["root"], document.metadata["source"]
+            if root not in stored:
+                stored[root] = stored_ids(store, root)
+            seen[root].add(source)
+            report.files += 1
+            chunks = chunker.chunks(source, document.page_content, extra={"root": root})
+            ids = [chunk_id(root, chunk) for chunk in chunks]
+            old = stored[root].get(source, set())
+            fresh = [(i, c) for i, c in zip(ids, chunks, strict=True) if i not in old]
+            stale = sorted(old - set(ids))
+            report.unchanged += len(ids) - len(fresh)
+            if old:
+                report.updated += len(fresh)
+            else:
+                report.added += len(fresh)
+            report.deleted += len(stale)
+            writer.add(fresh, stale)
+        writer.flush()
+        if prune:
+            for root, by_source in stored.items():
+                # A file that failed to read still exists: keep its chunks.
+                kept = seen[root] | {s.source for s in loader.skipped if s.root == root}
+                gone = [i for s, ids in by_source.items() if s not in kept for i in ids]
+                writer.delete(gone)
+                report.deleted += len(gone)
+    report.skipped = loader.skipped
+    if report.added or report.updated or report.deleted:
+        store.flush()
+    report.total_chunks = store.count()
+    report.seconds = time.perf_counter() - started
+    return report

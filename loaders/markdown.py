@@ -1,0 +1,183 @@
+"""Markdown → chunks: header split, heading path in the text, a token cap per chunk."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.documents import Document
+from langchain_text_splitters import MarkdownHeaderTextSplitter, RecursiveCharacterTextSplitter
+
+HEADERS_TO_SPLIT_ON = [("#" * n, f"h{n}") for n in range(1, 7)]
+FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.DOTALL)
+FENCE = re.compile(r"^\s*(```|~~~)")
+# MarkdownHeaderTextSplitter strips every line, which would flatten code and nested lists.
+# Leading whitespace is swapped for this non-space character before the split and back after.
+INDENT_MARK = "\u2800"
+HEADING_SEPARATOR = " > "
+# Separators tried in order when a section is too long: paragraphs, code fences, lines, words.
+CAP_SEPARATORS = ["\n\n", "\n```", "\n", ". ", " ", ""]
+
+TokenCounter = Callable[[str], int]
+
+
+def split_front_matter(text: str) -> tuple[dict[str, str], str]:
+    """YAML front matter (simple `key: value` lines) and the body after it."""
+    match = FRONT_MATTER.match(text)
+    if not match:
+        return {}, text
+    meta: dict[str, str] = {}
+    for line in match.group(1).splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip():
+            meta[key.strip()] = value.strip().strip("'\"")
+    return meta, text[match.end() :]
+
+
+def _protect_indentation(text: str) -> str:
+    lines = []
+    in_code = False
+    for line in text.split("\n"):
+        if FENCE.match(line):
+            in_code = not in_code
+            lines.append(line.strip())
+            continue
+        stripped = line.lstrip(" \t")
+        if not in_code and stripped.startswith("#"):
+            lines.append(line)  # a heading, possibly indented: let the splitter see it
+        elif stripped and len(stripped) < len(line):
+            indent = line[: len(line) - len(stripped)].replace("\t", "    ")
+            lines.append(INDENT_MARK * len(indent) + stripped)
+        else:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def _restore(text: str) -> str:
+    text = text.replace("  \n", "\n")
+    return re.sub(
+        f"^{INDENT_MARK}+", lambda m: " " * len(m.group(0)), text, flags=re.MULTILINE
+    ).strip()
+
+
+@dataclass
+class Section:
+    """One header section: its heading path (outermost first) and its body."""
+
+    headers: list[str]
+    body: str
+
+
+def split_sections(text: str) -> list[Section]:
+    """Split markdown on headings with LangChain's MarkdownHeaderTextSplitter."""
+    meta, body = split_front_matter(text)
+    splitter = MarkdownHeaderTextSplitter(HEADERS_TO_SPLIT_ON, strip_headers=True)
+    sections = []
+    for doc in splitter.split_text(_protect_indentation(body)):
+        headers = [
+            _clean_heading(doc.metadata[key])
+            for _, key in HEADERS_TO_SPLIT_ON
+            if doc.metadata.get(key)
+        ]
+        if not headers and meta.get("title"):
+            headers = [meta["title"]]
+        content = _restore(doc.page_content)
+        if content:
+            sections.append(Section(headers=headers, body=content))
+    return sections
+
+
+def _clean_heading(heading: str) -> str:
+    heading = heading.replace(INDENT_MARK, " ").strip().strip("#").strip()
+    # Drop trailing anchors such as `{#boot_issues}` and inline markup around the words.
+    heading = re.sub(r"\s*\{#[^}]*\}\s*$", "", heading)
+    return re.sub(r"[`*_]", "", heading).strip()
+
+
+def heading_path(headers: list[str]) -> str:
+    """'Product FAQ > Where does Milvus store data?'"""
+    return HEADING_SEPARATOR.join(headers)
+
+
+@dataclass
+class Chunker:
+    """Turns one file's text into Documents no longer than `max_tokens` model tokens.
+
+    The heading path is prepended to the chunk text: a section body alone often
+    lacks the words of its question ("Where does Milvus store data?").
+    """
+
+    count_tokens: TokenCounter
+    max_tokens: int = 240
+    _splitters: dict[int, RecursiveCharacterTextSplitter] = field(default_factory=dict)
+
+    def _splitter(self, budget: int) -> RecursiveCharacterTextSplitter:
+        if budget not in self._splitters:
+            self._splitters[budget] = RecursiveCharacterTextSplitter(
+                chunk_size=budget,
+                chunk_overlap=min(24, budget // 8),
+                length_function=self.count_tokens,
+                separators=CAP_SEPARATORS,
+                keep_separator=True,
+            )
+        return self._splitters[budget]
+
+    def chunks(self, source: str, text: str, extra: dict[str, Any] | None = None) -> list[Document]:
+        """Documents with metadata {source, headers, chunk_index} (plus `extra`)."""
+        documents: list[Document] = []
+        for section in split_sections(text):
+            prefix = heading_path(section.headers)
+            prefix_text = f"{prefix}\n\n" if prefix else ""
+            budget = max(32, self.max_tokens - self.count_tokens(prefix_text))
+            pieces = (
+                [section.body]
+                if self.count_tokens(section.body) <= budget
+                else self._splitter(budget).split_text(section.body)
+            )
+            for piece in pieces:
+                piece = piece.strip()
+                if not piece:
+                    continue
+                documents.append(
+                    Document(
+                        page_content=prefix_text + piece,
+                        metadata={
+                            "source": source,
+                            "headers": list(section.headers),
+                            "chunk_index": len(documents),
+                            **(extra or {}),
+                        },
+                    )
+                )
+        return documents
+
+
+def token_counter(tokenizer: Any) -> TokenCounter:
+    """Counts model tokens (without [CLS]/[SEP]); falls back to a words-based estimate."""
+    if tokenizer is None:
+        return lambda text: int(len(text.split()) * 1.4) + 1
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+    return count
+
+
+def chunk_id(root: str, doc: Document) -> str:
+    """Deterministic id from where the chunk comes from and what it says."""
+    digest = hashlib.sha256()
+    for part in (root, doc.metadata["source"], str(doc.metadata["chunk_index"]), doc.page_content):
+        digest.update(part.encode("utf-8"))
+        digest.update(b"\x00")
+    return digest.hexdigest()[:40]
+
+
+def naive_chunks(source: str, text: str) -> Iterable[Document]:
+    """The tutorial's pipeline: split on '# ', no cap. Kept as the evaluation baseline."""
+    for index, piece in enumerate(p for p in text.split("# ") if p.strip()):
+        yield Document(
+            page_content=piece, metadata={"source": source, "headers": [], "chunk_index": index}
+        )

@@ -1,0 +1,235 @@
+"""Paths, folders, zip archives and URLs → decoded text files, with a reason for each one skipped.
+
+A LangChain `BaseLoader`: `DirectoryLoader` would not read zip archives or URLs, and it
+reports failures only as log lines (`silent_errors`), while users need a per-file summary.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from langchain_core.document_loaders import BaseLoader
+from langchain_core.documents import Document
+
+from errors import SourceError
+
+TEXT_SUFFIXES = {".md", ".markdown", ".mdx", ".txt", ".text", ".rst"}
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+INCLUDE = re.compile(r"\{\{\s*(fragments/[^{}\s]+?\.md)\s*\}\}")
+
+
+@dataclass
+class Skipped:
+    """A file that was not ingested, and why."""
+
+    path: str
+    reason: str
+    root: str | None = None
+    source: str | None = None
+
+
+def is_url(path: str) -> bool:
+    """True for http(s) URLs."""
+    return path.startswith(("http://", "https://"))
+
+
+def decode_text(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
+    """UTF-8 text of a file, or SourceError saying why it is not a text document."""
+    if len(data) > max_bytes:
+        raise SourceError(f"larger than {max_bytes // (1024 * 1024)} MB, not a document")
+    if b"\x00" in data[:8192]:
+        raise SourceError("binary file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"not UTF-8 text (byte {exc.start})") from exc
+    if not text.strip():
+        raise SourceError("empty file")
+    return text.replace("\r\n", "\n")
+
+
+class DocumentSourceLoader(BaseLoader):
+    """Yields one Document per text file; `skipped` lists the files that failed and why.
+
+    Metadata: `source` (path relative to the ingested folder, the archive member path, or
+    the file name of a single file) and `root` (the absolute folder, archive or URL given).
+    """
+
+    def __init__(self, paths: list[str], max_bytes: int = DEFAULT_MAX_BYTES):
+        self.paths = paths
+        self.max_bytes = max_bytes
+        self.skipped: list[Skipped] = []
+
+    def lazy_load(self) -> Iterator[Document]:
+        """Read each path in turn; never raises for a single bad file."""
+        for path in self.paths:
+            try:
+                if is_url(path):
+                    yield from self._load_url(path)
+                    continue
+                local = Path(path).expanduser()
+                if not local.exists():
+                    self.skipped.append(Skipped(path, "no such file or folder"))
+                elif local.is_dir():
+                    yield from self._load_folder(local.resolve())
+                elif zipfile.is_zipfile(local):
+                    yield from self._load_zip(local.read_bytes(), str(local.resolve()))
+                elif local.suffix.lower() == ".zip":
+                    self.skipped.append(Skipped(path, "broken zip archive"))
+                else:
+                    yield from self._load_file(local, local.name, str(local.resolve()))
+            except OSError as exc:
+                self.skipped.append(Skipped(path, exc.strerror or str(exc)))
+
+    def count_candidates(self) -> int:
+        """How many files `lazy_load` will look at (cheap: names only)."""
+        total = 0
+        for path in self.paths:
+            local = Path(path).expanduser()
+            if is_url(path) or not local.exists():
+                total += 1
+            elif local.is_dir():
+                total += sum(1 for _ in self._walk(local.resolve(), record=False))
+            elif zipfile.is_zipfile(local):
+                try:
+                    with zipfile.ZipFile(local) as archive:
+                        total += sum(1 for n in archive.namelist() if _is_text_name(n))
+                except zipfile.BadZipFile:
+                    total += 1
+            else:
+                total += 1
+        return total
+
+    def _walk(self, root: Path, record: bool = True) -> Iterator[Path]:
+        seen: set[tuple[int, int]] = set()
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            stat = os.stat(dirpath)
+            if (stat.st_dev, stat.st_ino) in seen:
+                if record:
+                    self.skipped.append(Skipped(dirpath, "symlink loop, not followed"))
+                dirnames[:] = []
+                continue
+            seen.add((stat.st_dev, stat.st_ino))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if _is_text_name(name) and not name.startswith("."):
+                    yield Path(dirpath) / name
+
+    def _load_folder(self, root: Path) -> Iterator[Document]:
+        for file in self._walk(root):
+            yield from self._load_file(file, file.relative_to(root).as_posix(), str(root))
+
+    def _load_file(self, file: Path, source: str, root: str) -> Iterator[Document]:
+        try:
+            if file.stat().st_size > self.max_bytes:
+                raise SourceError(
+                    f"larger than {self.max_bytes // (1024 * 1024)} MB, not a document"
+                )
+            text = decode_text(file.read_bytes(), self.max_bytes)
+        except (SourceError, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.skipped.append(Skipped(str(file), reason, root, source))
+            return
+        base = Path(root) if Path(root).is_dir() else None
+        if base is not None:
+            text = expand_includes(text, lambda name: _read_fragment(base, name, self.max_bytes))
+        yield Document(page_content=text, metadata={"source": source, "root": root})
+
+    def _load_zip(self, data: bytes, root: str) -> Iterator[Document]:
+        try:
+            archive = zipfile.ZipFile(io.BytesIO(data))
+        except zipfile.BadZipFile:
+            self.skipped.append(Skipped(root, "broken zip archive"))
+            return
+        with archive:
+            names = {info.filename: info for info in archive.infolist() if not info.is_dir()}
+            prefix = _common_prefix(list(names))
+
+            def fragment(name: str) -> str | None:
+                for candidate in (prefix + name, name):
+                    if candidate in names:
+                        try:
+                            return decode_text(archive.read(candidate), self.max_bytes)
+                        except (SourceError, zipfile.BadZipFile):
+                            return None
+                return None
+
+            for name, info in sorted(names.items()):
+                if not _is_text_name(name):
+                    continue
+                member = f"{root}!{name}"
+                try:
+                    if info.file_size > self.max_bytes:
+                        raise SourceError(
+                            f"larger than {self.max_bytes // (1024 * 1024)} MB, not a document"
+                        )
+                    text = decode_text(archive.read(name), self.max_bytes)
+                except (SourceError, zipfile.BadZipFile, OSError) as exc:
+                    self.skipped.append(Skipped(member, str(exc), root, name))
+                    continue
+                text = expand_includes(text, fragment)
+                yield Document(page_content=text, metadata={"source": name, "root": root})
+
+    def _load_url(self, url: str) -> Iterator[Document]:
+        import httpx
+
+        try:
+            response = httpx.get(url, follow_redirects=True, timeout=30.0)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            self.skipped.append(Skipped(url, f"download failed: {exc}"))
+            return
+        data = response.content
+        if data[:4] == b"PK\x03\x04":
+            yield from self._load_zip(data, url)
+            return
+        try:
+            text = decode_text(data, self.max_bytes)
+        except SourceError as exc:
+            self.skipped.append(Skipped(url, str(exc)))
+            return
+        name = PurePosixPath(httpx.URL(url).path).name or "index.md"
+        yield Document(page_content=text, metadata={"source": name, "root": url})
+
+
+def _is_text_name(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in TEXT_SUFFIXES
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The folder every member shares (an archive's top folder), with a trailing slash."""
+    if not names:
+        return ""
+    parts = os.path.commonpath(names) if len(names) > 1 else str(PurePosixPath(names[0]).parent)
+    return "" if parts in ("", ".") else parts.rstrip("/") + "/"
+
+
+def _read_fragment(root: Path, name: str, max_bytes: int) -> str | None:
+    target = (root / name).resolve()
+    if not target.is_relative_to(root) or not target.is_file():
+        return None
+    try:
+        return decode_text(target.read_bytes(), max_bytes)
+    except (SourceError, OSError):
+        return None
+
+
+def expand_includes(text: str, read: object) -> str:
+    """Replace `{{fragments/x.md}}` site directives with the fragment's text when it exists."""
+    if "{{" not in text:
+        return text
+    reader = read if callable(read) else None
+    if reader is None:
+        return text
+
+    def replace(match: re.Match[str]) -> str:
+        fragment = reader(match.group(1))
+        return fragment.strip() if fragment else match.group(0)
+
+    return INCLUDE.sub(replace, text)

@@ -1,0 +1,81 @@
+"""The LangServe app: the chain at /rag, the retriever at /retriever, and /health."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, RedirectResponse
+from langserve import add_routes
+
+from chains.service import RagService, open_service
+from errors import RagError
+from settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, service: RagService | None = None) -> FastAPI:
+    """The FastAPI app. The store and the embedding model open once, at start-up."""
+    settings = settings or (service.settings if service else get_settings())
+    service = service or open_service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            service.get_store()
+            # Load the weights now, not on the first request.
+            service.embeddings.embed_query("warm up")
+        except RagError as exc:
+            log.error("starting without Milvus: %s", exc)
+        yield
+        service.close()
+
+    app = FastAPI(
+        title="milvus-deepseek-rag",
+        version="0.1.0",
+        description="Answers from your documents, with citations. Milvus + DeepSeek + LangServe.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+
+    @app.exception_handler(RagError)
+    async def rag_error(_: Request, exc: RagError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        report = service.health()
+        ok = report["milvus"]
+        report["status"] = "ok" if ok and report["collection"] else ("empty" if ok else "down")
+        return JSONResponse(status_code=200 if ok else 503, content=report)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> RedirectResponse:
+        return RedirectResponse("/rag/playground/")
+
+    add_routes(app, service.chain, path="/rag")
+    add_routes(app, service.retriever, path="/retriever")
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn server:app` works without building the app (or reading settings) at import.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)
+
+
+def main() -> None:
+    """`python server.py`: serve with settings from the environment."""
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""One typed settings object, read from the environment and `.env` once."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SearchMode = Literal["hybrid", "dense", "sparse"]
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Environment variables win over `.env`."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    deepseek_api_key: SecretStr | None = Field(default=None, alias="DEEPSEEK_API_KEY")
+    deepseek_base_url: str = Field(default="https://api.deepseek.com", alias="DEEPSEEK_BASE_URL")
+    deepseek_model: str = Field(default="deepseek-v4-flash", alias="DEEPSEEK_MODEL")
+    deepseek_timeout: float = Field(default=60.0, alias="DEEPSEEK_TIMEOUT", gt=0)
+    deepseek_max_retries: int = Field(default=2, alias="DEEPSEEK_MAX_RETRIES", ge=0)
+
+    milvus_uri: str = Field(default="./milvus_rag.db", alias="MILVUS_URI")
+    milvus_token: SecretStr | None = Field(default=None, alias="MILVUS_TOKEN")
+    collection: str = Field(
+        default="rag_docs", alias="RAG_COLLECTION", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"
+    )
+
+    embedding: str = Field(default="minilm", alias="RAG_EMBEDDING")
+    embedding_batch_size: int = Field(default=64, alias="RAG_EMBEDDING_BATCH", ge=1)
+    top_k: int = Field(default=3, alias="RAG_TOP_K", ge=1, le=50)
+    max_k: int = Field(default=20, alias="RAG_MAX_K", ge=1)
+    search: SearchMode = Field(default="hybrid", alias="RAG_SEARCH")
+    chunk_tokens: int = Field(default=240, alias="RAG_CHUNK_TOKENS", ge=32, le=254)
+    max_question_chars: int = Field(default=4000, alias="RAG_MAX_QUESTION_CHARS", ge=1)
+
+    host: str = Field(default="127.0.0.1", alias="RAG_HOST")
+    port: int = Field(default=8000, alias="RAG_PORT", ge=1, le=65535)
+
+    @property
+    def llm_configured(self) -> bool:
+        """True when a DeepSeek key is set."""
+        return self.deepseek_api_key is not None and bool(self.deepseek_api_key.get_secret_value())
+
+    @property
+    def milvus_is_server(self) -> bool:
+        """True when MILVUS_URI names a server rather than a Milvus Lite file."""
+        return self.milvus_uri.startswith(("http://", "https://", "tcp://", "grpc://"))
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read on first use. Tests call `get_settings.cache_clear()`."""
+    return Settings()
