@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    for name in ("pymilvus", "milvus_lite", "httpx", "sentence_transformers", "transformers"):
+    for name in ("pymilvus", "milvus_lite", "grpc", "httpx", "sentence_transformers", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

@@ -7,12 +7,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import openai
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from langserve import add_routes
 
 from chains.service import RagService, open_service
-from errors import RagError
+from chains.llm import describe_llm_error
+from errors import LLMError, RagError
 from settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -20,7 +22,8 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None, service: RagService | None = None) -> FastAPI:
     """The FastAPI app. The store and the embedding model open once, at start-up."""
-    settings = settings or (service.settings if service else get_settings())
+    if settings is None:
+        settings = service.settings if service else get_settings()
     service = service or open_service(settings)
 
     @asynccontextmanager
@@ -45,6 +48,16 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
     @app.exception_handler(RagError)
     async def rag_error(_: Request, exc: RagError) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)})
+
+    @app.exception_handler(openai.APIError)
+    async def llm_error(_: Request, exc: openai.APIError) -> JSONResponse:
+        error = describe_llm_error(exc, settings) or LLMError(str(exc))
+        return JSONResponse(status_code=error.status_code, content={"detail": str(error)})
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse(status_code=500, content={"detail": f"internal error: {type(exc).__name__}"})
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 from langchain_openai import ChatOpenAI
 
 from errors import LLMError
@@ -19,7 +20,12 @@ def make_llm(settings: Settings, thinking: bool = False) -> ChatOpenAI | None:
     """The chat model, or None when no DEEPSEEK_API_KEY is set."""
     if not settings.llm_configured:
         return None
+    # Own HTTP clients per model: langchain-openai's shared default async client is bound
+    # to the first event loop that uses it, which breaks apps that run more than one loop.
+    timeout = httpx.Timeout(settings.deepseek_timeout, connect=min(10.0, settings.deepseek_timeout))
     return ChatOpenAI(
+        http_client=httpx.Client(timeout=timeout),
+        http_async_client=httpx.AsyncClient(timeout=timeout),
         model=settings.deepseek_model,
         base_url=settings.deepseek_base_url,
         api_key=settings.deepseek_api_key,

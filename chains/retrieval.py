@@ -84,7 +84,8 @@ class MilvusRetriever(BaseRetriever):
             raise
         except Exception as exc:
             message = str(exc)
-            if filter_expr and ("expr" in message.lower() or "parse" in message.lower()):
+            unreachable = any(w in message.lower() for w in ("connect", "unavailable", "deadline"))
+            if filter_expr and not unreachable:
                 raise InputError(f"invalid filter {filter_expr!r}: {message}") from exc
             raise StoreError(f"search failed at {store.settings.milvus_uri}: {message}") from exc
         documents = [to_document(hit) for hit in hits]

@@ -13,7 +13,6 @@ from langchain_text_splitters import MarkdownHeaderTextSplitter, RecursiveCharac
 
 HEADERS_TO_SPLIT_ON = [("#" * n, f"h{n}") for n in range(1, 7)]
 FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.DOTALL)
-FENCE = re.compile(r"^\s*(```|~~~)")
 # MarkdownHeaderTextSplitter strips every line, which would flatten code and nested lists.
 # Leading whitespace is swapped for this non-space character before the split and back after.
 INDENT_MARK = "\u2800"
@@ -37,16 +36,33 @@ def split_front_matter(text: str) -> tuple[dict[str, str], str]:
     return meta, text[match.end() :]
 
 
+def _fence_state(stripped: str, fence: str) -> tuple[str, bool]:
+    """MarkdownHeaderTextSplitter's own code-fence rule: (open fence after this line, is a fence).
+
+    The indentation pass must agree with the splitter on what is code: a line such as
+    "```rag ingest```" opens no block there, and only the opening fence closes one.
+    """
+    if not fence:
+        if stripped.startswith("```") and stripped.count("```") == 1:
+            return "```", True
+        if stripped.startswith("~~~"):
+            return "~~~", True
+        return "", False
+    if stripped.startswith(fence):
+        return "", True
+    return fence, False
+
+
 def _protect_indentation(text: str) -> str:
     lines = []
-    in_code = False
+    fence = ""
     for line in text.split("\n"):
-        if FENCE.match(line):
-            in_code = not in_code
+        fence, is_fence = _fence_state(line.strip(), fence)
+        if is_fence:
             lines.append(line.strip())
             continue
         stripped = line.lstrip(" \t")
-        if not in_code and stripped.startswith("#"):
+        if not fence and stripped.startswith("#"):
             lines.append(line)  # a heading, possibly indented: let the splitter see it
         elif stripped and len(stripped) < len(line):
             indent = line[: len(line) - len(stripped)].replace("\t", "    ")
@@ -56,11 +72,28 @@ def _protect_indentation(text: str) -> str:
     return "\n".join(lines)
 
 
+LINK = re.compile(r"!?\[([^\]]*)\]\((?:[^()\s]|\([^()\s]*\))*(?:\s+\"[^\"]*\")?\)")
+HTML_TAG = re.compile(r"</?(?:div|span|p|br|img|a|b|i|strong|em|sup|sub|table|thead|tbody|tr|td|th|ul|ol|li|code|pre|h[1-6]|button|details|summary)\b[^>]*>", re.IGNORECASE)
+HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+
+
+def clean_markdown(text: str) -> str:
+    """Text as a reader sees it: link targets, HTML tags and comments removed.
+
+    URLs cost many model tokens and carry little meaning; dropping them keeps more of a
+    section inside the embedding model's 256-token window.
+    """
+    text = HTML_COMMENT.sub("", text)
+    text = LINK.sub(lambda m: m.group(1), text)
+    text = HTML_TAG.sub("", text)
+    return re.sub(r"\n{3,}", "\n\n", text)
+
+
 def _restore(text: str) -> str:
-    text = text.replace("  \n", "\n")
-    return re.sub(
-        f"^{INDENT_MARK}+", lambda m: " " * len(m.group(0)), text, flags=re.MULTILINE
-    ).strip()
+    # The splitter joins the blocks of a section (paragraphs, lists, code) with "  \n":
+    # they were separated by blank lines, so give the paragraph break back.
+    text = text.replace("  \n", "\n\n")
+    return re.sub(f"^{INDENT_MARK}+", lambda m: " " * len(m.group(0)), text, flags=re.MULTILINE).strip()
 
 
 @dataclass
@@ -74,6 +107,7 @@ class Section:
 def split_sections(text: str) -> list[Section]:
     """Split markdown on headings with LangChain's MarkdownHeaderTextSplitter."""
     meta, body = split_front_matter(text)
+    body = clean_markdown(body)
     splitter = MarkdownHeaderTextSplitter(HEADERS_TO_SPLIT_ON, strip_headers=True)
     sections = []
     for doc in splitter.split_text(_protect_indentation(body)):
@@ -90,11 +124,25 @@ def split_sections(text: str) -> list[Section]:
     return sections
 
 
+CODE_SPAN = re.compile(r"(`+)(.+?)\1")
+# `*` and `_` that open or close emphasis; not the `_` inside IVF_FLAT or index_progress.
+EMPHASIS = re.compile(r"(?<!\w)[*_]+|[*_]+(?!\w)")
+
+
 def _clean_heading(heading: str) -> str:
-    heading = heading.replace(INDENT_MARK, " ").strip().strip("#").strip()
-    # Drop trailing anchors such as `{#boot_issues}` and inline markup around the words.
+    heading = heading.replace(INDENT_MARK, " ").strip()
+    # Drop trailing anchors such as `{#boot_issues}` and an ATX closing sequence (`## A ##`),
+    # but not the `#` of "C#".
     heading = re.sub(r"\s*\{#[^}]*\}\s*$", "", heading)
-    return re.sub(r"[`*_]", "", heading).strip()
+    heading = re.sub(r"(?:^|\s+)#+\s*$", "", heading)
+    # Inline markup around the words: code spans keep their text verbatim.
+    parts, pos = [], 0
+    for match in CODE_SPAN.finditer(heading):
+        parts.append(EMPHASIS.sub("", heading[pos : match.start()]))
+        parts.append(match.group(2).strip())
+        pos = match.end()
+    parts.append(EMPHASIS.sub("", heading[pos:]).replace("`", ""))
+    return re.sub(r"\s+", " ", "".join(parts)).strip()
 
 
 def heading_path(headers: list[str]) -> str:

@@ -39,10 +39,18 @@ def is_url(path: str) -> bool:
     return path.startswith(("http://", "https://"))
 
 
+def too_large(max_bytes: int) -> str:
+    """The reason given for a file over the size limit ("larger than 20 MB, ...")."""
+    # Below 1 MB (`--max-mb 0.5`) the limit is given in bytes, not as "0 MB".
+    mib = 1024 * 1024
+    limit = f"{max_bytes / mib:g} MB" if max_bytes >= mib else f"{max_bytes} bytes"
+    return f"larger than {limit}, not a document"
+
+
 def decode_text(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
     """UTF-8 text of a file, or SourceError saying why it is not a text document."""
     if len(data) > max_bytes:
-        raise SourceError(f"larger than {max_bytes // (1024 * 1024)} MB, not a document")
+        raise SourceError(too_large(max_bytes))
     if b"\x00" in data[:8192]:
         raise SourceError("binary file")
     try:
@@ -99,8 +107,8 @@ class DocumentSourceLoader(BaseLoader):
             elif zipfile.is_zipfile(local):
                 try:
                     with zipfile.ZipFile(local) as archive:
-                        total += sum(1 for n in archive.namelist() if _is_text_name(n))
-                except zipfile.BadZipFile:
+                        total += sum(1 for info in archive.infolist() if _is_text_member(info))
+                except (zipfile.BadZipFile, OSError, ValueError, EOFError):
                     total += 1
             else:
                 total += 1
@@ -128,9 +136,7 @@ class DocumentSourceLoader(BaseLoader):
     def _load_file(self, file: Path, source: str, root: str) -> Iterator[Document]:
         try:
             if file.stat().st_size > self.max_bytes:
-                raise SourceError(
-                    f"larger than {self.max_bytes // (1024 * 1024)} MB, not a document"
-                )
+                raise SourceError(too_large(self.max_bytes))
             text = decode_text(file.read_bytes(), self.max_bytes)
         except (SourceError, OSError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -144,19 +150,33 @@ class DocumentSourceLoader(BaseLoader):
     def _load_zip(self, data: bytes, root: str) -> Iterator[Document]:
         try:
             archive = zipfile.ZipFile(io.BytesIO(data))
-        except zipfile.BadZipFile:
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
             self.skipped.append(Skipped(root, "broken zip archive"))
             return
         with archive:
-            names = {info.filename: info for info in archive.infolist() if not info.is_dir()}
+            # Hidden members and macOS `__MACOSX/._x.md` resource forks are skipped, as
+            # hidden files are in folders: they are binary and would fail the ingest.
+            names = {info.filename: info for info in archive.infolist() if _is_visible_member(info)}
             prefix = _common_prefix(list(names))
+
+            def read(name: str) -> str:
+                # A member can fail in many ways besides BadZipFile: encrypted (RuntimeError),
+                # corrupt deflate data (zlib.error), unsupported compression
+                # (NotImplementedError), truncated (EOFError). One bad member must not end
+                # the whole ingest.
+                try:
+                    return decode_text(archive.read(name), self.max_bytes)
+                except SourceError:
+                    raise
+                except Exception as exc:
+                    raise SourceError(f"unreadable archive member ({type(exc).__name__}: {exc})") from exc
 
             def fragment(name: str) -> str | None:
                 for candidate in (prefix + name, name):
                     if candidate in names:
                         try:
-                            return decode_text(archive.read(candidate), self.max_bytes)
-                        except (SourceError, zipfile.BadZipFile):
+                            return read(candidate)
+                        except SourceError:
                             return None
                 return None
 
@@ -166,11 +186,9 @@ class DocumentSourceLoader(BaseLoader):
                 member = f"{root}!{name}"
                 try:
                     if info.file_size > self.max_bytes:
-                        raise SourceError(
-                            f"larger than {self.max_bytes // (1024 * 1024)} MB, not a document"
-                        )
-                    text = decode_text(archive.read(name), self.max_bytes)
-                except (SourceError, zipfile.BadZipFile, OSError) as exc:
+                        raise SourceError(too_large(self.max_bytes))
+                    text = read(name)
+                except SourceError as exc:
                     self.skipped.append(Skipped(member, str(exc), root, name))
                     continue
                 text = expand_includes(text, fragment)
@@ -202,11 +220,27 @@ def _is_text_name(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in TEXT_SUFFIXES
 
 
+def _is_visible_member(info: zipfile.ZipInfo) -> bool:
+    """A file member outside hidden folders and macOS's `__MACOSX/` metadata."""
+    if info.is_dir():
+        return False
+    parts = PurePosixPath(info.filename).parts
+    return not any(part.startswith(".") or part == "__MACOSX" for part in parts)
+
+
+def _is_text_member(info: zipfile.ZipInfo) -> bool:
+    """A member that `_load_zip` reads (and `count_candidates` counts)."""
+    return _is_visible_member(info) and _is_text_name(info.filename)
+
+
 def _common_prefix(names: list[str]) -> str:
     """The folder every member shares (an archive's top folder), with a trailing slash."""
     if not names:
         return ""
-    parts = os.path.commonpath(names) if len(names) > 1 else str(PurePosixPath(names[0]).parent)
+    try:
+        parts = os.path.commonpath(names) if len(names) > 1 else str(PurePosixPath(names[0]).parent)
+    except ValueError:  # absolute and relative member names mixed
+        return ""
     return "" if parts in ("", ".") else parts.rstrip("/") + "/"
 
 

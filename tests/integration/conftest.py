@@ -1,0 +1,34 @@
+"""A Milvus Lite file with the tutorial's FAQ pages ingested once per module."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chains.service import RagService, open_service
+from loaders.ingest import ingest
+from settings import Settings
+
+
+@pytest.fixture(scope="module")
+def faq_db(tmp_path_factory: pytest.TempPathFactory, corpus: Path, embeddings: Any) -> Iterator[Settings]:
+    """Settings of a Lite file holding the ingested FAQ (closed again before tests open it)."""
+    db = tmp_path_factory.mktemp("faq") / "faq.db"
+    settings = Settings(_env_file=None, MILVUS_URI=str(db), RAG_COLLECTION=f"faq_{uuid.uuid4().hex[:8]}")
+    service = open_service(settings, llm=None)
+    service.embeddings._function = embeddings.function  # reuse the loaded model
+    report = ingest([str(corpus / "milvus-faq")], service.get_store(), service.chunker(), progress=False)
+    assert report.files == 4 and report.total_chunks >= 60 and not report.skipped
+    service.close()
+    yield settings
+
+
+def faq_service(settings: Settings, embeddings: Any, llm: Any) -> RagService:
+    """A service over the FAQ store, sharing the session's loaded model."""
+    service = open_service(settings, llm=llm)
+    service.embeddings._function = embeddings.function
+    return service

@@ -1,0 +1,146 @@
+"""The LangServe app through ASGI, through a real uvicorn, and through RemoteRunnable."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from langserve import RemoteRunnable
+
+from chains.llm import make_llm
+from server import create_app
+from settings import Settings
+from tests.integration.conftest import faq_service
+from tests.llm_server import LLMServer
+
+pytestmark = pytest.mark.integration
+
+QUESTION = "How is data stored in milvus?"
+SECTION = "Where does Milvus store data?"
+
+
+def with_llm(settings: Settings, server: LLMServer) -> Settings:
+    return settings.model_copy(
+        update={"deepseek_api_key": server.api_key_secret(), "deepseek_base_url": server.url, "deepseek_max_retries": 0}
+    )
+
+
+@asynccontextmanager
+async def asgi_client(settings: Settings, embeddings: Any, llm: Any = "auto") -> AsyncIterator[httpx.AsyncClient]:
+    service = faq_service(settings, embeddings, llm=make_llm(settings) if llm == "auto" else llm)
+    app = create_app(service=service)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+async def test_invoke_answers_with_sources(faq_db: Settings, embeddings: Any, llm_server: LLMServer) -> None:
+    async with asgi_client(with_llm(faq_db, llm_server), embeddings) as client:
+        response = await client.post("/rag/invoke", json={"input": {"question": QUESTION}})
+    assert response.status_code == 200, response.text
+    output = response.json()["output"]
+    assert output["answer"] == llm_server.behaviour.reply
+    assert SECTION in output["sources"][0]["headers"]
+    assert set(output["sources"][0]) == {"n", "source", "headers", "text", "score"}
+
+
+async def test_stream_sends_sources_then_tokens(faq_db: Settings, embeddings: Any, llm_server: LLMServer) -> None:
+    async with asgi_client(with_llm(faq_db, llm_server), embeddings) as client:
+        response = await client.post("/rag/stream", json={"input": {"question": QUESTION}})
+    assert response.status_code == 200
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+    data = [e for e in events if isinstance(e, dict) and ("answer" in e or "sources" in e)]
+    assert "sources" in data[0]
+    assert "".join(e.get("answer", "") for e in data) == llm_server.behaviour.reply
+    assert sum(1 for e in data if e.get("answer")) > 3
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"input": {}}, {"input": {"question": ""}}, {"input": {"question": 42}}, {"input": {"question": "x" * 5000}}],
+)
+async def test_invalid_input_is_422_with_a_reason(faq_db: Settings, embeddings: Any, payload: dict) -> None:
+    async with asgi_client(faq_db, embeddings, llm=None) as client:
+        response = await client.post("/rag/invoke", json=payload)
+    assert response.status_code == 422
+    assert response.json()["detail"]
+
+
+async def test_health_playground_and_retriever(faq_db: Settings, embeddings: Any) -> None:
+    async with asgi_client(faq_db, embeddings, llm=None) as client:
+        health = (await client.get("/health")).json()
+        playground = await client.get("/rag/playground/")
+        retrieved = await client.post("/retriever/invoke", json={"input": QUESTION})
+    assert health["status"] == "ok" and health["milvus"] and health["collection"] and health["chunks"] > 60
+    assert playground.status_code == 200 and "<html" in playground.text.lower()
+    assert SECTION in retrieved.json()["output"][0]["metadata"]["headers"]
+
+
+async def test_without_a_key_the_answer_lists_passages(faq_db: Settings, embeddings: Any) -> None:
+    async with asgi_client(faq_db, embeddings, llm=None) as client:
+        output = (await client.post("/rag/invoke", json={"input": {"question": QUESTION}})).json()["output"]
+    assert "DEEPSEEK_API_KEY" in output["answer"] and SECTION in output["answer"]
+
+
+async def test_upstream_errors_become_json(faq_db: Settings, embeddings: Any, llm_server: LLMServer) -> None:
+    llm_server.behaviour.fail_times = 1
+    llm_server.behaviour.fail_status = 503
+    async with asgi_client(with_llm(faq_db, llm_server), embeddings) as client:
+        response = await client.post("/rag/invoke", json={"input": {"question": QUESTION}})
+    assert response.status_code == 502
+    assert "503" in response.json()["detail"]
+
+
+async def test_health_is_503_when_milvus_is_unreachable(make_settings: Any, embeddings: Any) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = make_settings(MILVUS_URI=f"http://127.0.0.1:{port}")
+    service = faq_service(settings, embeddings, llm=None)
+    app = create_app(service=service)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            health = await client.get("/health")
+            answer = await client.post("/rag/invoke", json={"input": {"question": QUESTION}})
+    assert health.status_code == 503 and health.json()["status"] == "down"
+    assert "Milvus" in health.json()["error"]
+    assert answer.status_code == 503 and "Milvus" in answer.json()["detail"]
+
+
+@pytest.fixture
+def live_server(faq_db: Settings, embeddings: Any, llm_server: LLMServer) -> Iterator[str]:
+    """A real uvicorn on a free port. The socket listens before the thread starts, so
+    clients connect as soon as the fixture yields (the backlog holds them)."""
+    settings = with_llm(faq_db, llm_server)
+    app = create_app(service=faq_service(settings, embeddings, llm=make_llm(settings)))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=30)
+    sock.close()
+
+
+def test_remote_runnable_over_real_uvicorn(live_server: str, llm_server: LLMServer) -> None:
+    chain = RemoteRunnable(f"{live_server}/rag/")
+    result = chain.invoke({"question": QUESTION})
+    assert result["answer"] == llm_server.behaviour.reply
+    assert SECTION in result["sources"][0]["headers"]
+    chunks = list(chain.stream({"question": QUESTION}))
+    assert "".join(c.get("answer", "") for c in chunks) == llm_server.behaviour.reply
+    assert any("sources" in c for c in chunks)
+    docs = RemoteRunnable(f"{live_server}/retriever/").invoke(QUESTION)
+    assert SECTION in docs[0].metadata["headers"]
+    assert httpx.get(f"{live_server}/health").json()["status"] == "ok"

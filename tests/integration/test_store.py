@@ -1,0 +1,157 @@
+"""The store suite, run on a Milvus Lite file and on a `milvus-lite server` URI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chains.embeddings import PymilvusEmbeddings
+from chains.retrieval import make_retriever
+from chains.store import collection_stats, make_store
+from errors import InputError, StoreError
+from loaders.ingest import ingest
+from loaders.markdown import Chunker, token_counter
+
+pytestmark = pytest.mark.integration
+
+DOCS = {
+    "guide/install.md": "# Install\n\n## Requirements\n\nYou need Python 3.11 and make.\n\n"
+    "## Steps\n\nRun make serve to install everything and start the server.\n",
+    "guide/storage.md": "# Storage\n\n## Where is data kept?\n\nChunks are kept in a Milvus Lite "
+    "file called milvus_rag.db unless MILVUS_URI names a server.\n",
+    "faq/etcd.md": "# Troubleshooting\n\n## etcd pod pending\n\nThe etcd pod stays pending when "
+    "no PersistentVolumeClaim can be bound: create a StorageClass.\n",
+}
+
+
+class CountingEmbeddings(PymilvusEmbeddings):
+    """The real model, counting the passages it embeds."""
+
+    def __init__(self, model: PymilvusEmbeddings):
+        super().__init__(model.spec)
+        self._function = model.function
+        self.embedded = 0
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        self.embedded += len(texts)
+        return super().embed_documents(texts)
+
+
+def write_docs(root: Path, docs: dict[str, str]) -> Path:
+    for name, text in docs.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+@pytest.fixture
+def setup(make_settings: Any, milvus_uri: str, embeddings: PymilvusEmbeddings, tmp_path: Path) -> Any:
+    settings = make_settings(MILVUS_URI=milvus_uri)
+    model = CountingEmbeddings(embeddings)
+    store = make_store(settings, model)
+    chunker = Chunker(token_counter(None), 200)
+    root = write_docs(tmp_path / "corpus", DOCS)
+    yield settings, model, store, chunker, root
+    if store.exists():
+        store.client.drop_collection(store.collection)
+    store.close()
+
+
+def test_ingest_is_idempotent_and_tracks_changes(setup: Any) -> None:
+    settings, model, store, chunker, root = setup
+    first = ingest([str(root)], store, chunker, progress=False)
+    assert first.files == 3 and first.added == 4 and first.total_chunks == 4
+    assert model.embedded == 4
+
+    again = ingest([str(root)], store, chunker, progress=False)
+    assert (again.added, again.updated, again.deleted, again.unchanged) == (0, 0, 0, 4)
+    assert model.embedded == 4, "an unchanged corpus must embed nothing"
+
+    (root / "guide/storage.md").write_text(
+        "# Storage\n\n## Where is data kept?\n\nIn Zilliz Cloud when MILVUS_URI points there.\n"
+    )
+    changed = ingest([str(root)], store, chunker, progress=False)
+    assert (changed.updated, changed.deleted, changed.unchanged) == (1, 1, 3)
+    assert store.count() == 4
+    texts = [d.page_content for d in make_retriever(store, 3, "dense").retrieve("Zilliz Cloud")]
+    assert any("Zilliz Cloud" in t for t in texts)
+    assert not any("milvus_rag.db" in t for t in texts)
+
+    (root / "faq/etcd.md").unlink()
+    kept = ingest([str(root)], store, chunker, progress=False)
+    assert kept.deleted == 0 and store.count() == 4, "without --prune nothing is removed"
+    pruned = ingest([str(root)], store, chunker, prune=True, progress=False)
+    assert pruned.deleted == 1 and store.count() == 3
+
+
+def test_prune_never_touches_other_roots(setup: Any, tmp_path: Path) -> None:
+    _, _, store, chunker, root = setup
+    other = write_docs(tmp_path / "other", {"notes.md": "# Notes\n\nA note about quotas.\n"})
+    ingest([str(root), str(other)], store, chunker, progress=False)
+    assert store.count() == 5
+    report = ingest([str(root)], store, chunker, prune=True, progress=False)
+    assert report.deleted == 0 and store.count() == 5
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "hybrid"])
+def test_search_modes_find_the_right_section(setup: Any, mode: str) -> None:
+    _, _, store, chunker, root = setup
+    ingest([str(root)], store, chunker, progress=False)
+    retriever = make_retriever(store, 2, mode)  # type: ignore[arg-type]
+    results = retriever.retrieve("etcd pod pending PersistentVolumeClaim")
+    assert results, mode
+    top = results[0].metadata
+    assert top["source"] == "faq/etcd.md"
+    assert top["headers"] == ["Troubleshooting", "etcd pod pending"]
+    assert top["score"] > 0
+    assert len(results) <= 2
+
+
+def test_source_glob_and_expression_filters(setup: Any) -> None:
+    _, _, store, chunker, root = setup
+    ingest([str(root)], store, chunker, progress=False)
+    retriever = make_retriever(store, 5, "hybrid")
+    only_guide = retriever.retrieve("etcd pod pending", source_glob="guide/*")
+    assert only_guide and all(d.metadata["source"].startswith("guide/") for d in only_guide)
+    by_expr = retriever.retrieve("install", expr='source == "faq/etcd.md"', search="dense")
+    assert [d.metadata["source"] for d in by_expr] == ["faq/etcd.md"]
+    with pytest.raises(InputError):
+        retriever.retrieve("install", expr="source ===== broken")
+
+
+def test_stats_report_what_is_stored(setup: Any) -> None:
+    _, _, store, chunker, root = setup
+    ingest([str(root)], store, chunker, progress=False)
+    stats = collection_stats(store)
+    assert stats["total_chunks"] == 4
+    assert stats["sources"] == sorted(DOCS)
+    assert stats["dimension"] == 384
+    assert stats["embedding_model"] == "all-MiniLM-L6-v2"
+
+
+def test_collection_with_another_dimension_is_refused(
+    make_settings: Any, milvus_uri: str, embeddings: PymilvusEmbeddings
+) -> None:
+    from langchain_core.embeddings import DeterministicFakeEmbedding
+
+    from chains.store import RagStore
+
+    settings = make_settings(MILVUS_URI=milvus_uri)
+    small = PymilvusEmbeddings("minilm")
+    small._dimension = 8
+    small._function = type(
+        "Fake8", (), {"encode_documents": lambda self, t: DeterministicFakeEmbedding(size=8).embed_documents(t)}
+    )()
+    store: RagStore = make_store(settings, small)
+    store.vectorstore.add_embeddings(
+        ["hello"], small.embed_documents(["hello"]), [{"source": "a", "root": "r", "headers": [], "chunk_index": 0}],
+        ids=["x"],
+    )
+    store.close()
+    with pytest.raises(StoreError) as info:
+        make_store(settings, embeddings)
+    message = str(info.value)
+    assert "8-dimensional" in message and "384-dimensional" in message
