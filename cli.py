@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from errors import InputError, RagError
+from errors import InputError, RagError, SourceError
 from settings import Settings, get_settings
 
 PROJECT_DOCS = Path(__file__).resolve().parent / "docs"
@@ -38,8 +38,12 @@ def _question(text: str | None, settings: Settings) -> str:
 def cmd_ingest(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     """Ingest paths (default: the project's docs/)."""
     from loaders.ingest import ingest
+    from loaders.sources import is_url
 
     paths = args.paths or [str(PROJECT_DOCS)]
+    missing = [p for p in paths if not is_url(p) and not Path(p).expanduser().exists()]
+    if missing:
+        raise SourceError(f"no such file or folder: {', '.join(missing)}")
     service = _service(settings, llm=None)
     try:
         report = ingest(

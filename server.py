@@ -5,17 +5,18 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import openai
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from langserve import add_routes
 
-from chains.service import RagService, open_service
-from chains.llm import describe_llm_error
 from errors import LLMError, RagError
 from settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from chains.service import RagService
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,10 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
     """The FastAPI app. The store and the embedding model open once, at start-up."""
     if settings is None:
         settings = service.settings if service else get_settings()
+    # Imported here, after the settings: importing pymilvus reads MILVUS_URI (see settings.py).
+    from chains.llm import describe_llm_error
+    from chains.service import open_service
+
     service = service or open_service(settings)
 
     @asynccontextmanager

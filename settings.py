@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SearchMode = Literal["hybrid", "dense", "sparse"]
@@ -50,7 +51,27 @@ class Settings(BaseSettings):
         return self.milvus_uri.startswith(("http://", "https://", "tcp://", "grpc://"))
 
 
+    @field_validator("milvus_uri", mode="before")
+    @classmethod
+    def _default_when_empty(cls, value: object) -> object:
+        return value or "./milvus_rag.db"
+
+
+def shield_pymilvus(settings: Settings) -> None:
+    """Hide a Milvus Lite path in MILVUS_URI from pymilvus.
+
+    pymilvus reads MILVUS_URI (and `.env`) when it is first imported and refuses anything
+    but http(s)://host:port, so `MILVUS_URI=./milvus_rag.db` would crash the import. The
+    value is already in `settings`; an empty one makes pymilvus skip it, and `load_dotenv`
+    never overrides a variable that is set.
+    """
+    if not settings.milvus_is_server:
+        os.environ["MILVUS_URI"] = ""
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings, read on first use. Tests call `get_settings.cache_clear()`."""
-    return Settings()
+    settings = Settings()
+    shield_pymilvus(settings)
+    return settings

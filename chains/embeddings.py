@@ -112,6 +112,10 @@ class PymilvusEmbeddings(Embeddings):
             os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         try:
             import torch
+            import transformers
+
+            # Our own progress bar is the one users need to see, not the weight loader's.
+            transformers.utils.logging.disable_progress_bar()
 
             if self.num_threads:
                 torch.set_num_threads(self.num_threads)

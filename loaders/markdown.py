@@ -73,20 +73,44 @@ def _protect_indentation(text: str) -> str:
 
 
 LINK = re.compile(r"!?\[([^\]]*)\]\((?:[^()\s]|\([^()\s]*\))*(?:\s+\"[^\"]*\")?\)")
-HTML_TAG = re.compile(r"</?(?:div|span|p|br|img|a|b|i|strong|em|sup|sub|table|thead|tbody|tr|td|th|ul|ol|li|code|pre|h[1-6]|button|details|summary)\b[^>]*>", re.IGNORECASE)
+HTML_TAG = re.compile(
+    r"</?(?:div|span|p|br|img|a|b|i|strong|em|sup|sub|table|thead|tbody|tr|td|th|ul|ol|li|code|pre"
+    r"|h[1-6]|button|details|summary)\b[^>]*>",
+    re.IGNORECASE,
+)
 HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+
+
+def _clean_prose(text: str) -> str:
+    text = HTML_COMMENT.sub("", text)
+    text = LINK.sub(lambda m: m.group(1), text)
+    text = HTML_TAG.sub("", text)
+    return re.sub(r"\n{3,}", "\n\n", text)
 
 
 def clean_markdown(text: str) -> str:
     """Text as a reader sees it: link targets, HTML tags and comments removed.
 
     URLs cost many model tokens and carry little meaning; dropping them keeps more of a
-    section inside the embedding model's 256-token window.
+    section inside the embedding model's 256-token window. Fenced code is left verbatim:
+    an HTML or Markdown example must keep its tags and brackets.
     """
-    text = HTML_COMMENT.sub("", text)
-    text = LINK.sub(lambda m: m.group(1), text)
-    text = HTML_TAG.sub("", text)
-    return re.sub(r"\n{3,}", "\n\n", text)
+    out: list[str] = []
+    prose: list[str] = []
+    fence = ""
+    for line in text.split("\n"):
+        next_fence, is_fence = _fence_state(line.strip(), fence)
+        if fence or is_fence:
+            if prose:
+                out.append(_clean_prose("\n".join(prose)))
+                prose = []
+            out.append(line)
+        else:
+            prose.append(line)
+        fence = next_fence
+    if prose:
+        out.append(_clean_prose("\n".join(prose)))
+    return "\n".join(out)
 
 
 def _restore(text: str) -> str:

@@ -50,7 +50,9 @@ def faq_chunks(faq_dir: Path, tokenizer: Any) -> dict[str, list[Document]]:
 
 
 def test_split_front_matter_reads_simple_keys() -> None:
-    text = "---\nid: product_faq.md\ntitle: 'Product FAQ: basics'\nsummary: \"short\"\n---\n# Heading\n\nbody\n"
+    text = (
+        "---\nid: product_faq.md\ntitle: 'Product FAQ: basics'\nsummary: \"short\"\n---\n# Heading\n\nbody\n"
+    )
     meta, body = split_front_matter(text)
     assert meta == {"id": "product_faq.md", "title": "Product FAQ: basics", "summary": "short"}
     assert body == "# Heading\n\nbody\n"
@@ -190,16 +192,24 @@ def test_faq_chunk_metadata(faq_chunks: dict[str, list[Document]]) -> None:
             assert all(isinstance(h, str) and h for h in chunk.metadata["headers"])
 
 
-def test_where_does_milvus_store_data_is_a_chunk(faq_dir: Path, faq_chunks: dict[str, list[Document]]) -> None:
+def test_where_does_milvus_store_data_is_a_chunk(
+    faq_dir: Path, faq_chunks: dict[str, list[Document]]
+) -> None:
     raw = (faq_dir / "product_faq.md").read_text(encoding="utf-8")
     answer = raw.split("Where does Milvus store data?", 1)[1].strip().splitlines()[0].strip()
-    matching = [c for c in faq_chunks["product_faq.md"] if c.metadata["headers"][-1] == "Where does Milvus store data?"]
+    matching = [
+        c
+        for c in faq_chunks["product_faq.md"]
+        if c.metadata["headers"][-1] == "Where does Milvus store data?"
+    ]
     assert matching
     assert matching[0].page_content.startswith("Product FAQ > Where does Milvus store data?\n\n")
     assert answer in matching[0].page_content
 
 
-def test_every_faq_question_heading_becomes_a_chunk(faq_dir: Path, faq_chunks: dict[str, list[Document]]) -> None:
+def test_every_faq_question_heading_becomes_a_chunk(
+    faq_dir: Path, faq_chunks: dict[str, list[Document]]
+) -> None:
     for name in FAQ_FILES:
         raw = (faq_dir / name).read_text(encoding="utf-8")
         questions = [q.strip() for q in re.findall(r"^#### (.+\?)\s*$", raw, re.MULTILINE)]
@@ -239,7 +249,9 @@ def test_word_estimate_without_tokenizer() -> None:
 
 
 def _doc(text: str = "A > B\n\nbody", source: str = "a.md", index: int = 0) -> Document:
-    return Document(page_content=text, metadata={"source": source, "headers": ["A", "B"], "chunk_index": index})
+    return Document(
+        page_content=text, metadata={"source": source, "headers": ["A", "B"], "chunk_index": index}
+    )
 
 
 def test_chunk_id_is_deterministic_and_content_addressed() -> None:
@@ -279,3 +291,21 @@ def test_naive_chunks_reproduce_the_tutorials_72(faq_dir: Path) -> None:
     for name in FAQ_FILES:
         per_file = [c for c in chunks if c.metadata["source"] == name]
         assert [c.metadata["chunk_index"] for c in per_file] == list(range(len(per_file)))
+
+
+def test_link_targets_and_html_are_dropped_from_prose_but_not_from_code() -> None:
+    text = (
+        "# Links\n\n"
+        "Store data in [MinIO](https://min.io/) or <b>S3</b>.<br/> <!-- editor note -->\n\n"
+        "```html\n"
+        '<div class="note"><a href="https://example.com">[x](y)</a></div>\n'
+        "<!-- kept in code -->\n"
+        "```\n"
+    )
+    (section,) = split_sections(text)
+    assert section.body.startswith("Store data in MinIO or S3.")
+    assert "https://min.io" not in section.body and "editor note" not in section.body
+    assert (
+        '<div class="note"><a href="https://example.com">[x](y)</a></div>\n<!-- kept in code -->'
+        in section.body
+    )

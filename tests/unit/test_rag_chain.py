@@ -54,7 +54,7 @@ def test_prompt_sent_to_the_model_holds_passages_then_question() -> None:
     system, human = llm.calls[0]
     assert isinstance(system, SystemMessage) and system.content == SYSTEM_PROMPT
     assert isinstance(human, HumanMessage)
-    text = human.content
+    text = human.text
     assert '<passage n="1" source="faq/product_faq.md"' in text
     assert '<passage n="2" source="faq/operational_faq.md"' in text
     assert "Inserted data are stored in MinIO or S3." in text
@@ -93,9 +93,11 @@ def test_without_llm_the_answer_explains_and_lists_sources() -> None:
 
 def test_empty_retrieval_still_answers() -> None:
     llm = RecordingChat(answer="The documents provided do not answer the question.")
-    result = build_rag_chain(FixedRetriever(documents=[]), llm).invoke({"question": "What is the moon made of?"})
+    result = build_rag_chain(FixedRetriever(documents=[]), llm).invoke(
+        {"question": "What is the moon made of?"}
+    )
     assert result == {"answer": "The documents provided do not answer the question.", "sources": []}
-    human = llm.calls[0][1].content
+    human = llm.calls[0][1].text
     assert "no passages were found" in human
     assert human.endswith("Question: What is the moon made of?")
 

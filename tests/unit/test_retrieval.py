@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -61,7 +61,7 @@ def test_k_out_of_range_is_an_input_error(k: int) -> None:
 
 
 def test_default_k_out_of_range_is_an_input_error() -> None:
-    retriever = make_retriever(ExplodingStore(), k=30, search="dense", max_k=20)
+    retriever = make_retriever(cast(Any, ExplodingStore()), k=30, search="dense", max_k=20)
     with pytest.raises(InputError):
         retriever.retrieve("what is milvus?")
 
@@ -156,7 +156,9 @@ def test_sparse_search_maps_hits_and_filters_sources() -> None:
 def test_dense_search_embeds_the_query() -> None:
     client = FakeClient(hits=[hit("a.md", 0.8)])
     store = fake_store(client)
-    docs = MilvusRetriever(store=store, k=4, search="dense").retrieve("what is a segment?", expr="chunk_index > 0")
+    docs = MilvusRetriever(store=store, k=4, search="dense").retrieve(
+        "what is a segment?", expr="chunk_index > 0"
+    )
     ((name, _, kwargs),) = client.calls
     assert name == "search"
     assert store.embeddings.queries == ["what is a segment?"]

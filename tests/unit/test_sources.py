@@ -9,9 +9,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from langchain_core.documents import Document
 
-from loaders.sources import DocumentSourceLoader, Skipped, decode_text, expand_includes
 from errors import SourceError
+from loaders.sources import DocumentSourceLoader, Skipped, decode_text, expand_includes
 
 CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
 
@@ -22,7 +23,7 @@ def corpus() -> Path:
     return CORPUS
 
 
-def load(*paths: Path | str, **kwargs: int) -> tuple[dict[str, object], list[Skipped]]:
+def load(*paths: Path | str, **kwargs: int) -> tuple[dict[str, Document], list[Skipped]]:
     loader = DocumentSourceLoader([str(p) for p in paths], **kwargs)
     docs = loader.load()
     by_source = {d.metadata["source"]: d for d in docs}
@@ -69,7 +70,9 @@ def test_folder_yields_nested_text_files_with_relative_posix_sources(tmp_path: P
         assert doc.page_content == (root / source).read_text(encoding="utf-8")
 
 
-def test_folder_given_as_relative_path_gets_absolute_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_folder_given_as_relative_path_gets_absolute_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write(tmp_path / "kb" / "x.md", "# X\n\nx\n")
     monkeypatch.chdir(tmp_path)
     docs, _ = load("kb")
@@ -115,7 +118,12 @@ def test_zip_sources_are_member_paths(tmp_path: Path) -> None:
 def test_zip_bad_members_are_skipped_with_member_path(tmp_path: Path) -> None:
     archive = make_zip(
         tmp_path / "kb.zip",
-        {"ok.md": "# ok\n\nfine\n", "empty.md": "", "bin.md": b"a\x00b", "latin.md": "caf\xe9".encode("latin-1")},
+        {
+            "ok.md": "# ok\n\nfine\n",
+            "empty.md": "",
+            "bin.md": b"a\x00b",
+            "latin.md": "caf\xe9".encode("latin-1"),
+        },
     )
     docs, skipped = load(archive)
     assert list(docs) == ["ok.md"]
@@ -220,6 +228,7 @@ def test_bad_files_in_a_folder_are_skipped_with_reasons(tmp_path: Path) -> None:
     assert "larger than" in reasons["huge.md"] and "1000 bytes" in reasons["huge.md"]
     for s in skipped:
         assert s.root == str(root.resolve())
+        assert s.source is not None
         assert Path(s.path) == root.resolve() / s.source
 
 
@@ -301,7 +310,7 @@ def test_count_candidates_matches_the_files_looked_at(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def milvus_docs(corpus: Path) -> dict[str, object]:
+def milvus_docs(corpus: Path) -> dict[str, Document]:
     docs, skipped = load(corpus / "milvus-docs")
     assert skipped == []
     return docs
@@ -314,7 +323,9 @@ def _section(text: str, heading: str) -> str:
     return text[start:end]
 
 
-def test_fragment_include_is_expanded_from_the_docs_root(corpus: Path, milvus_docs: dict) -> None:
+def test_fragment_include_is_expanded_from_the_docs_root(
+    corpus: Path, milvus_docs: dict[str, Document]
+) -> None:
     fragment = (corpus / "milvus-docs" / "fragments" / "cpu_support.md").read_text(encoding="utf-8")
     first_line = fragment.strip().splitlines()[0]
     text = milvus_docs["faq/operational_faq.md"].page_content
@@ -325,7 +336,7 @@ def test_fragment_include_is_expanded_from_the_docs_root(corpus: Path, milvus_do
     assert "AVX512" in section
 
 
-def test_every_corpus_file_is_loaded_once(corpus: Path, milvus_docs: dict) -> None:
+def test_every_corpus_file_is_loaded_once(corpus: Path, milvus_docs: dict[str, Document]) -> None:
     on_disk = sorted(
         p.relative_to(corpus / "milvus-docs").as_posix() for p in (corpus / "milvus-docs").rglob("*.md")
     )
@@ -335,7 +346,12 @@ def test_every_corpus_file_is_loaded_once(corpus: Path, milvus_docs: dict) -> No
 
 def test_fragment_include_left_as_is_without_fragments_folder(corpus: Path) -> None:
     docs, _ = load(corpus / "milvus-faq")
-    assert sorted(docs) == ["operational_faq.md", "performance_faq.md", "product_faq.md", "troubleshooting.md"]
+    assert sorted(docs) == [
+        "operational_faq.md",
+        "performance_faq.md",
+        "product_faq.md",
+        "troubleshooting.md",
+    ]
     assert "{{fragments/cpu_support.md}}" in docs["operational_faq.md"].page_content
 
 
