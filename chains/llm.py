@@ -47,9 +47,7 @@ def describe_llm_error(exc: BaseException, settings: Settings) -> LLMError | Non
     if isinstance(exc, openai.APITimeoutError):
         return LLMError(f"DeepSeek did not answer in time at {where}")
     if isinstance(exc, openai.APIConnectionError):
-        return LLMError(
-            f"cannot reach DeepSeek at {where}: check DEEPSEEK_BASE_URL and the network"
-        )
+        return LLMError(f"cannot reach DeepSeek at {where}: check DEEPSEEK_BASE_URL and the network")
     if isinstance(exc, openai.RateLimitError):
         return LLMError(f"DeepSeek is rate limiting requests (429) at {where}: try again later")
     if isinstance(exc, openai.APIStatusError):

@@ -4,6 +4,7 @@ prefix cache can reuse the system message across requests."""
 from __future__ import annotations
 
 import html
+import re
 
 from langchain_core.documents import Document
 from langchain_core.prompts import ChatPromptTemplate
@@ -30,14 +31,16 @@ Question: {question}"""
 RAG_PROMPT = ChatPromptTemplate.from_messages([("system", SYSTEM_PROMPT), ("human", HUMAN_PROMPT)])
 
 
+# Any closing tag of our delimiters, whatever its case or spacing, is neutralised.
+CLOSING_TAG = re.compile(r"<\s*/\s*(passage|context)", re.IGNORECASE)
+
+
 def format_passage(n: int, document: Document) -> str:
     """One passage, delimited so that its text can't close the tag it sits in."""
     meta = document.metadata
     section = html.escape(heading_path(list(meta.get("headers") or [])), quote=True)
     source = html.escape(str(meta.get("source", "")), quote=True)
-    text = document.page_content.replace("</passage", "&lt;/passage").replace(
-        "</context", "&lt;/context"
-    )
+    text = CLOSING_TAG.sub(lambda m: "&lt;" + m.group(0)[1:], document.page_content)
     return f'<passage n="{n}" source="{source}" section="{section}">\n{text}\n</passage>'
 
 

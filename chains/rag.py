@@ -11,7 +11,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
 from chains.prompts import RAG_PROMPT, format_context
 from loaders.markdown import heading_path
@@ -23,6 +23,17 @@ class RagInput(BaseModel):
     """What the chain takes."""
 
     question: str = Field(..., min_length=1, max_length=MAX_QUESTION_CHARS)
+
+
+def input_model(max_question_chars: int) -> type[BaseModel]:
+    """RagInput with the configured question length limit."""
+    if max_question_chars == MAX_QUESTION_CHARS:
+        return RagInput
+    return create_model(
+        "RagInput",
+        __doc__=RagInput.__doc__,
+        question=(str, Field(..., min_length=1, max_length=max_question_chars)),
+    )
 
 
 class Source(BaseModel):
@@ -79,6 +90,7 @@ def build_rag_chain(
     retriever: BaseRetriever,
     llm: BaseChatModel | None,
     prompt: ChatPromptTemplate = RAG_PROMPT,
+    max_question_chars: int = MAX_QUESTION_CHARS,
 ) -> Runnable:
     """The RAG chain. Input {"question"}, output {"answer", "sources"}.
 
@@ -90,16 +102,18 @@ def build_rag_chain(
         answer = RunnableLambda(offline_answer)
     else:
         answer = (
-            RunnableParallel(
-                context=lambda x: format_context(x["docs"]), question=itemgetter("question")
-            )
+            RunnableParallel(context=lambda x: format_context(x["docs"]), question=itemgetter("question"))
             | prompt
             | llm
             | StrOutputParser()
         )
-    chain = (
+    chain: Runnable = (
         RunnableLambda(lambda x: {"question": _question(x)})
         | RunnablePassthrough.assign(docs=itemgetter("question") | retriever)
         | RunnableParallel(sources=lambda x: to_sources(x["docs"]), answer=answer)
     )
-    return chain.with_types(input_type=RagInput, output_type=RagOutput).with_config(run_name="rag")
+    typed = chain.with_types(
+        input_type=input_model(max_question_chars),
+        output_type=RagOutput,  # type: ignore[arg-type]
+    )
+    return typed.with_config(run_name="rag")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -21,9 +22,21 @@ RRF_K = 60
 HYBRID_CANDIDATES = 20
 
 
+GLOB_SPECIAL = re.compile(r"[*?\[]")
+
+
 def glob_to_like(pattern: str) -> str:
-    """A Milvus `like` pattern for a shell glob ('faq/*' → 'faq/%')."""
-    return pattern.replace("%", "\\%").replace("*", "%").replace("?", "_")
+    """A Milvus `like` pattern that matches at least what a shell glob matches.
+
+    `like` knows only `%` and `_` (and `_` is also a literal in file names), so the
+    pattern is the glob's literal prefix when the rest can't be translated exactly;
+    `fnmatch` then checks each result.
+    """
+    if not re.search(r"[_%\[\]]", pattern):
+        return pattern.replace("*", "%").replace("?", "_")
+    match = GLOB_SPECIAL.search(pattern)
+    prefix = pattern[: match.start()] if match else pattern
+    return prefix.replace("_", "\\_").replace("%", "\\%") + "%"
 
 
 def build_filter(source_glob: str | None = None, expr: str | None = None) -> str:
@@ -78,8 +91,10 @@ class MilvusRetriever(BaseRetriever):
         store: RagStore = self.store() if callable(self.store) else self.store
         if not store.exists():
             return []
+        exact = not glob or glob_to_like(glob) == glob.replace("*", "%").replace("?", "_")
+        fetch = k if exact else min(max(k * 5, 50), 16384)
         try:
-            hits = self._search(store, query, k, mode, filter_expr)
+            hits = self._search(store, query, fetch, mode, filter_expr)
         except InputError:
             raise
         except Exception as exc:
@@ -88,10 +103,10 @@ class MilvusRetriever(BaseRetriever):
             if filter_expr and not unreachable:
                 raise InputError(f"invalid filter {filter_expr!r}: {message}") from exc
             raise StoreError(f"search failed at {store.settings.milvus_uri}: {message}") from exc
-        documents = [to_document(hit) for hit in hits]
+        documents = [to_document(hit, negated=mode == "sparse") for hit in hits]
         if glob:
             documents = [d for d in documents if fnmatch.fnmatch(d.metadata["source"], glob)]
-        return documents
+        return documents[:k]
 
     def _search(
         self, store: RagStore, query: str, k: int, mode: SearchMode, filter_expr: str
@@ -140,11 +155,12 @@ class MilvusRetriever(BaseRetriever):
         )[0]
 
 
-def to_document(hit: dict[str, Any]) -> Document:
+def to_document(hit: dict[str, Any], negated: bool = False) -> Document:
     """A LangChain Document from one pymilvus search hit."""
     entity = hit.get("entity", hit)
-    # Milvus Lite reports BM25 scores negated (as distances); show them as scores.
-    score = abs(float(hit.get("distance", 0.0)))
+    score = float(hit.get("distance", 0.0))
+    if negated:  # Milvus Lite reports BM25 scores negated, as distances
+        score = abs(score)
     return Document(
         page_content=entity.get(TEXT_FIELD, ""),
         metadata={

@@ -10,7 +10,6 @@ from typing import Any
 from langchain_core.runnables import Runnable
 
 from chains.embeddings import PymilvusEmbeddings, load_tokenizer, make_embeddings
-from chains.llm import make_llm
 from chains.rag import build_rag_chain
 from chains.retrieval import MilvusRetriever, make_retriever
 from chains.store import RagStore, make_store
@@ -37,7 +36,9 @@ class RagService:
         self.retriever = make_retriever(
             self.get_store, self.settings.top_k, self.settings.search, self.settings.max_k
         )
-        self.chain = build_rag_chain(self.retriever, self.llm)
+        self.chain = build_rag_chain(
+            self.retriever, self.llm, max_question_chars=self.settings.max_question_chars
+        )
 
     def get_store(self) -> RagStore:
         """The open store; opens it (again) if it isn't, raising StoreError if Milvus is down."""
@@ -85,8 +86,12 @@ class RagService:
 
 def open_service(settings: Settings, llm: Any = "auto") -> RagService:
     """A service for these settings; `llm="auto"` builds DeepSeek from settings."""
+    if llm == "auto":
+        from chains.llm import make_llm  # the OpenAI client costs ~2 s to import
+
+        llm = make_llm(settings)
     return RagService(
         settings=settings,
         embeddings=make_embeddings(settings),
-        llm=make_llm(settings) if llm == "auto" else llm,
+        llm=llm,
     )

@@ -54,15 +54,14 @@ def connection_args(settings: Settings) -> dict[str, Any]:
 def describe_failure(settings: Settings, exc: Exception) -> str:
     """A message that says what went wrong opening Milvus and what to do."""
     text = str(exc)
-    if not settings.milvus_is_server and ("lock" in text.lower() or "opened by another" in text):
+    locked = ("lock" in text.lower(), "Open local milvus failed" in text, "opened by another" in text)
+    if not settings.milvus_is_server and any(locked):
         return (
             f"the Milvus Lite file {settings.milvus_uri} is in use by another process "
             "(Milvus Lite allows one process per file): stop `rag serve`, or run "
             "`milvus-lite server --data-dir DIR --port 19530` and set MILVUS_URI=http://127.0.0.1:19530"
         )
-    return (
-        f"cannot reach Milvus at {settings.milvus_uri}: {text.splitlines()[0] if text else exc!r}"
-    )
+    return f"cannot reach Milvus at {settings.milvus_uri}: {text.splitlines()[0] if text else exc!r}"
 
 
 @dataclass

@@ -53,8 +53,7 @@ class IngestReport:
         return (
             f"{self.files} files: {self.added} chunks added, {self.updated} updated, "
             f"{self.unchanged} unchanged, {self.deleted} deleted; {self.total_chunks} chunks "
-            f"stored; {self.seconds:.1f} s"
-            + (f"; {len(self.skipped)} skipped" if self.skipped else "")
+            f"stored; {self.seconds:.1f} s" + (f"; {len(self.skipped)} skipped" if self.skipped else "")
         )
 
 

@@ -136,9 +136,7 @@ def split_sections(text: str) -> list[Section]:
     sections = []
     for doc in splitter.split_text(_protect_indentation(body)):
         headers = [
-            _clean_heading(doc.metadata[key])
-            for _, key in HEADERS_TO_SPLIT_ON
-            if doc.metadata.get(key)
+            _clean_heading(doc.metadata[key]) for _, key in HEADERS_TO_SPLIT_ON if doc.metadata.get(key)
         ]
         if not headers and meta.get("title"):
             headers = [meta["title"]]
@@ -250,6 +248,4 @@ def chunk_id(root: str, doc: Document) -> str:
 def naive_chunks(source: str, text: str) -> Iterable[Document]:
     """The tutorial's pipeline: split on '# ', no cap. Kept as the evaluation baseline."""
     for index, piece in enumerate(p for p in text.split("# ") if p.strip()):
-        yield Document(
-            page_content=piece, metadata={"source": source, "headers": [], "chunk_index": index}
-        )
+        yield Document(page_content=piece, metadata={"source": source, "headers": [], "chunk_index": index})

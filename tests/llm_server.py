@@ -94,7 +94,9 @@ class LLMServer:
 
             def do_GET(self) -> None:
                 if self.path.rstrip("/").endswith("/models"):
-                    self._json(200, {"object": "list", "data": [{"id": "deepseek-v4-flash", "object": "model"}]})
+                    self._json(
+                        200, {"object": "list", "data": [{"id": "deepseek-v4-flash", "object": "model"}]}
+                    )
                 else:
                     self._json(404, {"error": {"message": "not found"}})
 
@@ -104,7 +106,9 @@ class LLMServer:
                 record = {"path": self.path, "headers": dict(self.headers), "body": body}
                 server.requests.append(record)
                 if self.headers.get("Authorization") != f"Bearer {server.api_key}":
-                    self._json(401, {"error": {"message": "Authentication Fails", "type": "authentication_error"}})
+                    self._json(
+                        401, {"error": {"message": "Authentication Fails", "type": "authentication_error"}}
+                    )
                     return
                 if server._should_fail():
                     status = server.behaviour.fail_status
@@ -151,7 +155,9 @@ class LLMServer:
                 tokens = [t + " " for t in b.reply.split(" ")]
                 tokens[-1] = tokens[-1].rstrip(" ")
                 try:
-                    self._event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+                    self._event(
+                        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+                    )
                     for i, token in enumerate(tokens):
                         if b.stall_after is not None and i >= b.stall_after:
                             server.release.wait(60)

@@ -82,7 +82,11 @@ def test_ask_streams_the_answer_then_sources(cli_env: dict[str, str], llm_server
         (["ingest", "/no/such/folder"], {}, "no such file or folder"),
         (["ask", "   "], {}, "the question is empty"),
         (["ask", QUESTION], {"DEEPSEEK_API_KEY": "wrong"}, "rejected the API key"),
-        (["ask", QUESTION], {"DEEPSEEK_API_KEY": "k", "DEEPSEEK_BASE_URL": "closed"}, "cannot reach DeepSeek"),
+        (
+            ["ask", QUESTION],
+            {"DEEPSEEK_API_KEY": "k", "DEEPSEEK_BASE_URL": "closed"},
+            "cannot reach DeepSeek",
+        ),
         (["search", QUESTION], {"MILVUS_URI": "closed"}, "cannot reach Milvus"),
     ],
 )

@@ -19,7 +19,11 @@ SECTION = "Where does Milvus store data?"
 
 def llm_settings(faq_db: Settings, server: LLMServer) -> Settings:
     return faq_db.model_copy(
-        update={"deepseek_api_key": server.api_key_secret(), "deepseek_base_url": server.url, "deepseek_max_retries": 0}
+        update={
+            "deepseek_api_key": server.api_key_secret(),
+            "deepseek_base_url": server.url,
+            "deepseek_max_retries": 0,
+        }
     )
 
 
@@ -59,7 +63,9 @@ def test_answer_comes_from_the_model_with_the_section_in_its_prompt(
     assert '<passage n="1" source="product_faq.md"' in human["content"]
 
 
-def test_streamed_answer_arrives_token_by_token(faq_db: Settings, embeddings: Any, llm_server: LLMServer) -> None:
+def test_streamed_answer_arrives_token_by_token(
+    faq_db: Settings, embeddings: Any, llm_server: LLMServer
+) -> None:
     settings = llm_settings(faq_db, llm_server)
     service = faq_service(settings, embeddings, llm=make_llm(settings))
     try:

@@ -28,12 +28,18 @@ SECTION = "Where does Milvus store data?"
 
 def with_llm(settings: Settings, server: LLMServer) -> Settings:
     return settings.model_copy(
-        update={"deepseek_api_key": server.api_key_secret(), "deepseek_base_url": server.url, "deepseek_max_retries": 0}
+        update={
+            "deepseek_api_key": server.api_key_secret(),
+            "deepseek_base_url": server.url,
+            "deepseek_max_retries": 0,
+        }
     )
 
 
 @asynccontextmanager
-async def asgi_client(settings: Settings, embeddings: Any, llm: Any = "auto") -> AsyncIterator[httpx.AsyncClient]:
+async def asgi_client(
+    settings: Settings, embeddings: Any, llm: Any = "auto"
+) -> AsyncIterator[httpx.AsyncClient]:
     service = faq_service(settings, embeddings, llm=make_llm(settings) if llm == "auto" else llm)
     app = create_app(service=service)
     async with app.router.lifespan_context(app):
@@ -52,7 +58,9 @@ async def test_invoke_answers_with_sources(faq_db: Settings, embeddings: Any, ll
     assert set(output["sources"][0]) == {"n", "source", "headers", "text", "score"}
 
 
-async def test_stream_sends_sources_then_tokens(faq_db: Settings, embeddings: Any, llm_server: LLMServer) -> None:
+async def test_stream_sends_sources_then_tokens(
+    faq_db: Settings, embeddings: Any, llm_server: LLMServer
+) -> None:
     async with asgi_client(with_llm(faq_db, llm_server), embeddings) as client:
         response = await client.post("/rag/stream", json={"input": {"question": QUESTION}})
     assert response.status_code == 200
@@ -65,7 +73,12 @@ async def test_stream_sends_sources_then_tokens(faq_db: Settings, embeddings: An
 
 @pytest.mark.parametrize(
     "payload",
-    [{"input": {}}, {"input": {"question": ""}}, {"input": {"question": 42}}, {"input": {"question": "x" * 5000}}],
+    [
+        {"input": {}},
+        {"input": {"question": ""}},
+        {"input": {"question": 42}},
+        {"input": {"question": "x" * 5000}},
+    ],
 )
 async def test_invalid_input_is_422_with_a_reason(faq_db: Settings, embeddings: Any, payload: dict) -> None:
     async with asgi_client(faq_db, embeddings, llm=None) as client:
@@ -106,10 +119,13 @@ async def test_health_is_503_when_milvus_is_unreachable(make_settings: Any, embe
     settings = make_settings(MILVUS_URI=f"http://127.0.0.1:{port}")
     service = faq_service(settings, embeddings, llm=None)
     app = create_app(service=service)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            health = await client.get("/health")
-            answer = await client.post("/rag/invoke", json={"input": {"question": QUESTION}})
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+    ):
+        health = await client.get("/health")
+        answer = await client.post("/rag/invoke", json={"input": {"question": QUESTION}})
     assert health.status_code == 503 and health.json()["status"] == "down"
     assert "Milvus" in health.json()["error"]
     assert answer.status_code == 503 and "Milvus" in answer.json()["detail"]
@@ -134,13 +150,14 @@ def live_server(faq_db: Settings, embeddings: Any, llm_server: LLMServer) -> Ite
 
 
 def test_remote_runnable_over_real_uvicorn(live_server: str, llm_server: LLMServer) -> None:
-    chain = RemoteRunnable(f"{live_server}/rag/")
+    chain: RemoteRunnable = RemoteRunnable(f"{live_server}/rag/")
     result = chain.invoke({"question": QUESTION})
     assert result["answer"] == llm_server.behaviour.reply
     assert SECTION in result["sources"][0]["headers"]
     chunks = list(chain.stream({"question": QUESTION}))
     assert "".join(c.get("answer", "") for c in chunks) == llm_server.behaviour.reply
     assert any("sources" in c for c in chunks)
-    docs = RemoteRunnable(f"{live_server}/retriever/").invoke(QUESTION)
+    retriever: RemoteRunnable = RemoteRunnable(f"{live_server}/retriever/")
+    docs = retriever.invoke(QUESTION)  # type: ignore[arg-type]
     assert SECTION in docs[0].metadata["headers"]
     assert httpx.get(f"{live_server}/health").json()["status"] == "ok"

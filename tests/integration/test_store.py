@@ -143,11 +143,15 @@ def test_collection_with_another_dimension_is_refused(
     small = PymilvusEmbeddings("minilm")
     small._dimension = 8
     small._function = type(
-        "Fake8", (), {"encode_documents": lambda self, t: DeterministicFakeEmbedding(size=8).embed_documents(t)}
+        "Fake8",
+        (),
+        {"encode_documents": lambda self, t: DeterministicFakeEmbedding(size=8).embed_documents(t)},
     )()
     store: RagStore = make_store(settings, small)
     store.vectorstore.add_embeddings(
-        ["hello"], small.embed_documents(["hello"]), [{"source": "a", "root": "r", "headers": [], "chunk_index": 0}],
+        ["hello"],
+        small.embed_documents(["hello"]),
+        [{"source": "a", "root": "r", "headers": [], "chunk_index": 0}],
         ids=["x"],
     )
     store.close()

@@ -1,0 +1,209 @@
+"""Retrieval evaluation on files shaped like shared/eval/dev.jsonl, and the tutorial's
+naive pipeline as a baseline to compare against."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from langchain_core.documents import Document
+
+from errors import InputError
+
+Retrieve = Callable[[str, int], list[Document]]
+EVAL_DEPTH = 10
+
+
+@dataclass
+class EvalRow:
+    """One question and the FAQ section that answers it (None: nothing answers it)."""
+
+    id: str
+    question: str
+    source: str | None
+    heading: str | None
+
+
+def load_rows(path: str | Path) -> list[EvalRow]:
+    """Rows of a JSONL evaluation file; InputError says which line is wrong."""
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"no such evaluation file: {path}")
+    rows = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+            rows.append(
+                EvalRow(
+                    id=str(data.get("id", number)),
+                    question=data["question"],
+                    source=data.get("source"),
+                    heading=data.get("heading"),
+                )
+            )
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise InputError(f"{path}:{number}: not an evaluation row ({exc})") from exc
+    return rows
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[`*]", "", text).split()).casefold()
+
+
+def is_hit(document: Document, row: EvalRow) -> bool:
+    """The chunk comes from the row's file and its headings include the row's heading."""
+    if row.source is None or row.heading is None:
+        return False
+    if PurePosixPath(str(document.metadata.get("source", ""))).name != row.source:
+        return False
+    wanted = _norm(row.heading)
+    return any(_norm(h) == wanted for h in document.metadata.get("headers") or [])
+
+
+def first_hit_rank(documents: list[Document], row: EvalRow) -> int | None:
+    """1-based rank of the first matching chunk, or None."""
+    for rank, document in enumerate(documents, start=1):
+        if is_hit(document, row):
+            return rank
+    return None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of values, nearest-rank."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+    return ordered[index]
+
+
+def evaluate(retrieve: Retrieve, rows: Iterable[EvalRow], depth: int = EVAL_DEPTH) -> dict[str, Any]:
+    """hit@1/3/5, MRR@10, nDCG@10 (one relevant section per question) and latency."""
+    scored = [r for r in rows if r.source is not None and r.heading is not None]
+    if not scored:
+        raise InputError("the evaluation file has no rows with a source and a heading")
+    ranks: list[int | None] = []
+    latencies: list[float] = []
+    misses: list[str] = []
+    for row in scored:
+        started = time.perf_counter()
+        documents = retrieve(row.question, depth)
+        latencies.append((time.perf_counter() - started) * 1000)
+        rank = first_hit_rank(documents, row)
+        ranks.append(rank)
+        if rank is None or rank > 3:
+            misses.append(row.id)
+    n = len(scored)
+
+    def hit_at(k: int) -> float:
+        return sum(1 for r in ranks if r is not None and r <= k) / n
+
+    return {
+        "questions": n,
+        "hit@1": hit_at(1),
+        "hit@3": hit_at(3),
+        "hit@5": hit_at(5),
+        "mrr@10": sum(1 / r for r in ranks if r is not None and r <= depth) / n,
+        "ndcg@10": sum(1 / math.log2(r + 1) for r in ranks if r is not None and r <= depth) / n,
+        "p50_ms": statistics.median(latencies),
+        "p95_ms": percentile(latencies, 0.95),
+        "missed@3": misses,
+    }
+
+
+METRICS = ["hit@1", "hit@3", "hit@5", "mrr@10", "ndcg@10", "p50_ms", "p95_ms"]
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """A markdown table, one row per pipeline."""
+    lines = [
+        "| pipeline | " + " | ".join(METRICS) + " |",
+        "|---|" + "---:|" * len(METRICS),
+    ]
+    for name, metrics in results.items():
+        cells = [f"{metrics[m]:.1f}" if m.endswith("_ms") else f"{metrics[m]:.3f}" for m in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+class NaivePipeline:
+    """The tutorial's pipeline: split each file on "# ", one dense vector per piece (no cap,
+    the model truncates at 256 tokens), a Milvus Lite collection with IP metric, top-k.
+
+    Kept only as a baseline: it is what this project improves on.
+    """
+
+    def __init__(self, embeddings: Any, uri: str, collection: str = "naive_baseline"):
+        from pymilvus import MilvusClient
+
+        self.embeddings = embeddings
+        self.client = MilvusClient(uri=uri)
+        self.collection = collection
+        self.chunks = 0
+
+    def build(self, paths: list[str]) -> NaivePipeline:
+        """Load and index the files under `paths` (dropping an earlier baseline)."""
+        from loaders.markdown import naive_chunks
+        from loaders.sources import DocumentSourceLoader
+
+        documents = [
+            chunk
+            for doc in DocumentSourceLoader(paths).lazy_load()
+            for chunk in naive_chunks(doc.metadata["source"], doc.page_content)
+        ]
+        if self.client.has_collection(self.collection):
+            self.client.drop_collection(self.collection)
+        self.client.create_collection(
+            self.collection,
+            dimension=self.embeddings.dimension,
+            metric_type="IP",
+            consistency_level="Strong",
+        )
+        texts = [d.page_content for d in documents]
+        vectors = self.embeddings.embed_documents(texts)
+        rows = [
+            {"id": i, "vector": v, "text": t, "source": d.metadata["source"]}
+            for i, (v, t, d) in enumerate(zip(vectors, texts, documents, strict=True))
+        ]
+        for start in range(0, len(rows), 1000):
+            self.client.insert(self.collection, rows[start : start + 1000])
+        self.client.flush(self.collection)
+        self.chunks = len(rows)
+        return self
+
+    def retrieve(self, query: str, k: int) -> list[Document]:
+        """Top-k pieces; each piece's first line is its heading (as the tutorial splits)."""
+        vector = self.embeddings.embed_query(query)
+        hits = self.client.search(self.collection, data=[vector], limit=k, output_fields=["text", "source"])[
+            0
+        ]
+        documents = []
+        for hit in hits:
+            text = hit["entity"]["text"]
+            heading = text.strip().splitlines()[0].lstrip("#").strip() if text.strip() else ""
+            documents.append(
+                Document(
+                    page_content=text,
+                    metadata={
+                        "source": hit["entity"]["source"],
+                        "headers": [heading],
+                        "score": hit["distance"],
+                    },
+                )
+            )
+        return documents
+
+    def close(self) -> None:
+        """Drop the baseline collection and close the client."""
+        if self.client.has_collection(self.collection):
+            self.client.drop_collection(self.collection)
+        self.client.close()
