@@ -95,11 +95,20 @@ class RagStore:
             self.client.flush(self.collection)
 
     def close(self) -> None:
-        """Release the connection (and the Milvus Lite file lock)."""
+        """Release the connection and, for a Milvus Lite file, the file itself.
+
+        pymilvus starts an in-process Milvus Lite server per file and keeps it (and the
+        file's lock) until the process exits; stopping it lets another process, such as
+        `rag ingest` beside a stopped `rag serve`, open the file.
+        """
         try:
             self.client.close()
         except Exception:  # pragma: no cover - closing twice is harmless
             log.debug("closing the Milvus client failed", exc_info=True)
+        if not self.settings.milvus_is_server:
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(connection_args(self.settings)["uri"])
 
 
 def check_collection(client: MilvusClient, collection: str, embeddings: PymilvusEmbeddings) -> None:
