@@ -8,12 +8,15 @@ the new version of a file, never neither, and the next run finishes the job.
 
 from __future__ import annotations
 
+import resource
 import sys
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from queue import Empty, Queue
+from typing import Any, TypeVar
 
 from langchain_core.documents import Document
 from tqdm import tqdm
@@ -21,6 +24,8 @@ from tqdm import tqdm
 from chains.store import PRIMARY_FIELD, RagStore, escape
 from loaders.markdown import Chunker, chunk_id
 from loaders.sources import DEFAULT_MAX_BYTES, DocumentSourceLoader, Skipped
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -34,6 +39,8 @@ class IngestReport:
     deleted: int = 0
     total_chunks: int = 0
     seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    model_loaded: bool = False
     skipped: list[Skipped] = field(default_factory=list)
 
     @property
@@ -45,6 +52,7 @@ class IngestReport:
         """The JSON summary."""
         data = asdict(self)
         data["seconds"] = round(self.seconds, 2)
+        data["peak_rss_mb"] = round(self.peak_rss_mb, 1)
         data["skipped"] = [{"path": s.path, "reason": s.reason} for s in self.skipped]
         return data
 
@@ -53,7 +61,8 @@ class IngestReport:
         return (
             f"{self.files} files: {self.added} chunks added, {self.updated} updated, "
             f"{self.unchanged} unchanged, {self.deleted} deleted; {self.total_chunks} chunks "
-            f"stored; {self.seconds:.1f} s" + (f"; {len(self.skipped)} skipped" if self.skipped else "")
+            f"stored; {self.seconds:.1f} s, peak memory {self.peak_rss_mb:.0f} MiB"
+            + (f"; {len(self.skipped)} skipped" if self.skipped else "")
         )
 
 
@@ -90,6 +99,48 @@ class _Writer:
     def delete(self, ids: list[str]) -> None:
         for start in range(0, len(ids), 1000):
             self.store.client.delete(self.store.collection, ids=ids[start : start + 1000])
+
+
+_DONE = object()
+
+
+def prefetch(items: Iterable[T], depth: int = 32) -> Iterator[T]:
+    """Iterate `items` in a background thread, `depth` ahead of the consumer.
+
+    Reading and splitting files then overlaps with embedding, which releases the GIL.
+    """
+    queue: Queue[Any] = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                queue.put(item)
+        except BaseException as exc:  # handed to the consumer, raised there
+            queue.put(_Failure(exc))
+        queue.put(_DONE)
+
+    thread = threading.Thread(target=produce, name="ingest-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := queue.get()) is not _DONE:
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                queue.get_nowait()
+            except Empty:
+                thread.join(timeout=0.1)
+
+
+@dataclass
+class _Failure:
+    exc: BaseException
 
 
 def stored_ids(store: RagStore, root: str) -> dict[str, set[str]]:
@@ -137,15 +188,18 @@ def ingest(
         dynamic_ncols=True,
     )
     writer = _Writer(store, batch_size, bar)
+    split = (
+        (d, chunker.chunks(d.metadata["source"], d.page_content, extra={"root": d.metadata["root"]}))
+        for d in loader.lazy_load()
+    )
     with bar:
-        for document in loader.lazy_load():
+        for document, chunks in prefetch(split):
             bar.update(1)
             root, source = document.metadata["root"], document.metadata["source"]
             if root not in stored:
                 stored[root] = stored_ids(store, root)
             seen[root].add(source)
             report.files += 1
-            chunks = chunker.chunks(source, document.page_content, extra={"root": root})
             ids = [chunk_id(root, chunk) for chunk in chunks]
             old = stored[root].get(source, set())
             fresh = [(i, c) for i, c in zip(ids, chunks, strict=True) if i not in old]
@@ -170,4 +224,6 @@ def ingest(
         store.flush()
     report.total_chunks = store.count()
     report.seconds = time.perf_counter() - started
+    report.model_loaded = store.embeddings.loaded
+    report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return report

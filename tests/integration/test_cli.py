@@ -51,6 +51,9 @@ def test_ingest_again_adds_nothing_and_shows_a_summary(cli_env: dict[str, str], 
     assert result.returncode == 0, result.stderr
     assert f"0 chunks added, 0 updated, {cli_env['FAQ_CHUNKS']} unchanged" in result.stdout
     assert "ingest" in result.stderr  # the progress bar
+    report = json.loads(run(["ingest", str(corpus / "milvus-faq"), "--json"], cli_env).stdout)
+    assert report["model_loaded"] is False, "nothing changed: the embedding model stays unloaded"
+    assert set(report) >= {"files", "added", "updated", "unchanged", "deleted", "total_chunks", "seconds"}
 
 
 def test_search_reads_queries_from_stdin_as_json_lines(cli_env: dict[str, str]) -> None:
