@@ -159,3 +159,20 @@ def test_collection_with_another_dimension_is_refused(
         make_store(settings, embeddings)
     message = str(info.value)
     assert "8-dimensional" in message and "384-dimensional" in message
+
+
+def test_bad_files_are_skipped_and_nothing_stored_is_lost(setup: Any) -> None:
+    _, _, store, chunker, root = setup
+    ingest([str(root)], store, chunker, progress=False)
+    (root / "guide/storage.md").write_bytes(b"\x00\x01\x02 not text any more")
+    (root / "empty.md").write_text("  \n")
+    (root / "latin1.md").write_bytes("# Caf\xe9\n".encode("latin-1"))
+    (root / "loop").symlink_to(root)
+    report = ingest([str(root)], store, chunker, prune=True, progress=False)
+    reasons = {Path(s.path).name: s.reason for s in report.skipped}
+    assert reasons["storage.md"] == "binary file"
+    assert reasons["empty.md"] == "empty file"
+    assert reasons["latin1.md"].startswith("not UTF-8")
+    assert any("symlink loop" in s.reason for s in report.skipped)
+    assert report.failed and report.deleted == 0
+    assert store.count() == 4, "the unreadable file's chunks are kept, even with --prune"
