@@ -18,8 +18,9 @@ from settings import Settings
 log = logging.getLogger(__name__)
 
 TEXT_FIELD = "text"
-DENSE_FIELD = "dense"
-SPARSE_FIELD = "sparse"
+DENSE_FIELD = "dense"  # the chunk text (heading path + body)
+HEAD_FIELD = "head"  # the chunk's deepest heading alone: paraphrased questions match it best
+SPARSE_FIELD = "sparse"  # BM25, filled by Milvus from the text
 PRIMARY_FIELD = "pk"
 METADATA_SCHEMA: dict[str, Any] = {
     "source": {"dtype": DataType.VARCHAR, "kwargs": {"max_length": 2048}},
@@ -33,9 +34,26 @@ METADATA_SCHEMA: dict[str, Any] = {
 # langchain-milvus's defaults for a BM25 field (`drop_ratio_build` in the search params,
 # metric IP) are rejected by Milvus Lite: it wants SPARSE_INVERTED_INDEX with metric BM25.
 DENSE_INDEX = {"index_type": "FLAT", "metric_type": "COSINE", "params": {}}
+# For collections far beyond what FLAT scans quickly (see docs/benchmarks.md for where).
+HNSW_INDEX = {"index_type": "HNSW", "metric_type": "COSINE", "params": {"M": 16, "efConstruction": 200}}
+HNSW_EF = 128
 SPARSE_INDEX = {"index_type": "SPARSE_INVERTED_INDEX", "metric_type": "BM25", "params": {}}
-SEARCH_PARAMS = [{"metric_type": "COSINE", "params": {}}, {"metric_type": "BM25", "params": {}}]
+DENSE_SEARCH = {"metric_type": "COSINE", "params": {}}
+SPARSE_SEARCH = {"metric_type": "BM25", "params": {}}
 OUTPUT_FIELDS = [TEXT_FIELD, "source", "root", "headers", "chunk_index"]
+RANK_FIELDS = ["source", "headers"]  # all that ranking needs; text is fetched for the top k only
+
+
+def dense_index(settings: Settings) -> dict[str, Any]:
+    """Index parameters of the two dense fields (used when the collection is created)."""
+    return HNSW_INDEX if settings.index == "HNSW" else DENSE_INDEX
+
+
+def dense_search_params(index_type: str) -> dict[str, Any]:
+    """Search parameters matching the dense index actually built."""
+    if index_type == "HNSW":
+        return {"metric_type": "COSINE", "params": {"ef": HNSW_EF}}
+    return DENSE_SEARCH
 
 
 def connection_args(settings: Settings) -> dict[str, Any]:
@@ -72,11 +90,24 @@ class RagStore:
     collection: str
     embeddings: PymilvusEmbeddings
     settings: Settings
+    _index_type: str | None = None
 
     @property
     def client(self) -> MilvusClient:
         """The pymilvus client that the LangChain store owns."""
         return self.vectorstore.client
+
+    @property
+    def dense_index_type(self) -> str:
+        """The index type of the dense fields, as built (read once)."""
+        if self._index_type is None:
+            try:
+                self._index_type = str(
+                    self.client.describe_index(self.collection, DENSE_FIELD).get("index_type", "FLAT")
+                )
+            except Exception:
+                return self.settings.index
+        return self._index_type
 
     def exists(self) -> bool:
         """Whether the collection has been created (by a first ingest)."""
@@ -117,10 +148,10 @@ def check_collection(client: MilvusClient, collection: str, embeddings: Pymilvus
         return
     info = client.describe_collection(collection)
     fields = {f["name"]: f for f in info.get("fields", [])}
-    if DENSE_FIELD not in fields or SPARSE_FIELD not in fields:
+    if not {DENSE_FIELD, HEAD_FIELD, SPARSE_FIELD} <= set(fields):
         raise StoreError(
-            f"collection {collection!r} was not created by this service (fields: "
-            f"{', '.join(sorted(fields))}); set RAG_COLLECTION to another name"
+            f"collection {collection!r} was not created by this version of the service (fields: "
+            f"{', '.join(sorted(fields))}); set RAG_COLLECTION to a new name and ingest again"
         )
     stored_dim = int(fields[DENSE_FIELD].get("params", {}).get("dim", 0))
     if stored_dim != embeddings.dimension:
@@ -145,20 +176,24 @@ def make_store(settings: Settings, embeddings: PymilvusEmbeddings) -> RagStore:
     """Open (never drop) the collection that settings name; it is created on first ingest."""
     try:
         vectorstore = Milvus(
-            embedding_function=embeddings,
+            embedding_function=[embeddings, embeddings],
             collection_name=settings.collection,
             collection_description=json.dumps(
                 {"embedding_model": embeddings.name, "dimension": embeddings.dimension}
             ),
             connection_args=connection_args(settings),
             consistency_level="Strong",
-            index_params=[DENSE_INDEX, SPARSE_INDEX],
-            search_params=SEARCH_PARAMS,
+            index_params=[dense_index(settings), dense_index(settings), SPARSE_INDEX],
+            search_params=[
+                dense_search_params(settings.index),
+                dense_search_params(settings.index),
+                SPARSE_SEARCH,
+            ],
             drop_old=False,
             auto_id=False,
             primary_field=PRIMARY_FIELD,
             text_field=TEXT_FIELD,
-            vector_field=[DENSE_FIELD, SPARSE_FIELD],
+            vector_field=[DENSE_FIELD, HEAD_FIELD, SPARSE_FIELD],
             builtin_function=BM25BuiltInFunction(
                 input_field_names=TEXT_FIELD, output_field_names=SPARSE_FIELD
             ),
@@ -189,7 +224,7 @@ def collection_stats(store: RagStore) -> dict[str, Any]:
         "sources": [],
         "embedding_model": store.embeddings.name,
         "dimension": store.embeddings.dimension,
-        "index_type": DENSE_INDEX["index_type"],
+        "index_type": store.settings.index,
     }
     if not store.exists():
         return stats
@@ -201,11 +236,7 @@ def collection_stats(store: RagStore) -> dict[str, Any]:
     for f in info.get("fields", []):
         if f["name"] == DENSE_FIELD:
             stats["dimension"] = int(f.get("params", {}).get("dim", 0))
-    try:
-        index = store.client.describe_index(store.collection, DENSE_FIELD)
-        stats["index_type"] = index.get("index_type", stats["index_type"])
-    except Exception:
-        log.debug("describe_index failed", exc_info=True)
+    stats["index_type"] = store.dense_index_type
     sources: set[str] = set()
     iterator = store.client.query_iterator(
         store.collection, batch_size=4096, filter="", output_fields=["source"]

@@ -22,7 +22,7 @@ from langchain_core.documents import Document
 from tqdm import tqdm
 
 from chains.store import PRIMARY_FIELD, RagStore, escape
-from loaders.markdown import Chunker, chunk_id
+from loaders.markdown import Chunker, chunk_id, heading_text
 from loaders.sources import DEFAULT_MAX_BYTES, DocumentSourceLoader, Skipped
 
 T = TypeVar("T")
@@ -86,9 +86,17 @@ class _Writer:
         if self.pending:
             ids = [i for i, _ in self.pending]
             texts = [d.page_content for _, d in self.pending]
-            vectors = self.store.embeddings.embed_documents(texts)
+            embed = self.store.embeddings.embed_documents
+            vectors = embed(texts)
+            # Chunks of one section share their heading: embed each distinct heading once.
+            headings = [heading_text(d) for _, d in self.pending]
+            distinct = sorted(set(headings))
+            by_heading = dict(zip(distinct, embed(distinct), strict=True))
             self.store.vectorstore.add_embeddings(
-                texts, vectors, [d.metadata for _, d in self.pending], ids=ids
+                texts,
+                [[v, by_heading[h]] for v, h in zip(vectors, headings, strict=True)],  # row-wise
+                [d.metadata for _, d in self.pending],
+                ids=ids,
             )
             self.bar.set_postfix_str(f"{len(ids)} chunks embedded", refresh=False)
             self.pending = []

@@ -236,6 +236,14 @@ def token_counter(tokenizer: Any) -> TokenCounter:
     return count
 
 
+def heading_text(doc: Document) -> str:
+    """What the heading vector embeds: the deepest heading, or the chunk's first line."""
+    headers = doc.metadata.get("headers") or []
+    if headers:
+        return str(headers[-1])
+    return doc.page_content.strip().split("\n", 1)[0][:300]
+
+
 def chunk_id(root: str, doc: Document) -> str:
     """Deterministic id from where the chunk comes from and what it says."""
     digest = hashlib.sha256()

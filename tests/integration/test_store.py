@@ -64,11 +64,12 @@ def test_ingest_is_idempotent_and_tracks_changes(setup: Any) -> None:
     settings, model, store, chunker, root = setup
     first = ingest([str(root)], store, chunker, progress=False)
     assert first.files == 3 and first.added == 4 and first.total_chunks == 4
-    assert model.embedded == 4
+    # 4 chunk texts and the 4 distinct headings of their sections.
+    assert model.embedded == 8
 
     again = ingest([str(root)], store, chunker, progress=False)
     assert (again.added, again.updated, again.deleted, again.unchanged) == (0, 0, 0, 4)
-    assert model.embedded == 4, "an unchanged corpus must embed nothing"
+    assert model.embedded == 8, "an unchanged corpus must embed nothing"
 
     (root / "guide/storage.md").write_text(
         "# Storage\n\n## Where is data kept?\n\nIn Zilliz Cloud when MILVUS_URI points there.\n"
@@ -150,7 +151,7 @@ def test_collection_with_another_dimension_is_refused(
     store: RagStore = make_store(settings, small)
     store.vectorstore.add_embeddings(
         ["hello"],
-        small.embed_documents(["hello"]),
+        [[vector, vector] for vector in small.embed_documents(["hello"])],  # chunk and heading
         [{"source": "a", "root": "r", "headers": [], "chunk_index": 0}],
         ids=["x"],
     )
@@ -176,3 +177,19 @@ def test_bad_files_are_skipped_and_nothing_stored_is_lost(setup: Any) -> None:
     assert any("symlink loop" in s.reason for s in report.skipped)
     assert report.failed and report.deleted == 0
     assert store.count() == 4, "the unreadable file's chunks are kept, even with --prune"
+
+
+def test_hnsw_index_is_built_and_searched(
+    make_settings: Any, milvus_uri: str, embeddings: PymilvusEmbeddings, tmp_path: Path
+) -> None:
+    settings = make_settings(MILVUS_URI=milvus_uri, RAG_INDEX="HNSW")
+    store = make_store(settings, embeddings)
+    try:
+        root = write_docs(tmp_path / "hnsw", DOCS)
+        ingest([str(root)], store, Chunker(token_counter(None), 200), progress=False)
+        assert collection_stats(store)["index_type"] == "HNSW"
+        top = make_retriever(store, 1, "dense").retrieve("etcd pod pending PersistentVolumeClaim")[0]
+        assert top.metadata["source"] == "faq/etcd.md"
+    finally:
+        store.client.drop_collection(store.collection)
+        store.close()

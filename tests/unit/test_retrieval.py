@@ -7,7 +7,17 @@ from typing import Any, cast
 
 import pytest
 
-from chains.retrieval import MilvusRetriever, build_filter, glob_to_like, make_retriever, to_document
+from chains.retrieval import (
+    HEAD_WEIGHT,
+    MilvusRetriever,
+    build_filter,
+    collapse_sections,
+    fuse,
+    glob_to_like,
+    make_retriever,
+    scale,
+    to_document,
+)
 from errors import InputError, StoreError
 
 
@@ -67,8 +77,10 @@ def test_default_k_out_of_range_is_an_input_error() -> None:
 
 
 class FakeClient:
-    def __init__(self, hits: list[dict[str, Any]] | None = None, error: Exception | None = None):
-        self.hits = hits or []
+    """Answers `search` with fixed hits per vector field, and `get` with their rows."""
+
+    def __init__(self, hits: dict[str, list[dict[str, Any]]] | None = None, error: Exception | None = None):
+        self.hits = hits or {}
         self.error = error
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
 
@@ -76,13 +88,19 @@ class FakeClient:
         self.calls.append(("search", args, kwargs))
         if self.error:
             raise self.error
-        return [self.hits]
+        hits = self.hits.get(kwargs["anns_field"], [])
+        fields = kwargs["output_fields"]
+        return [
+            [
+                {"pk": h["pk"], "distance": h["distance"], "entity": {f: h["entity"][f] for f in fields}}
+                for h in hits
+            ]
+        ]
 
-    def hybrid_search(self, *args: Any, **kwargs: Any) -> list[list[dict[str, Any]]]:
-        self.calls.append(("hybrid_search", args, kwargs))
-        if self.error:
-            raise self.error
-        return [self.hits]
+    def get(self, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        self.calls.append(("get", args, kwargs))
+        rows = {h["pk"]: {"pk": h["pk"], **h["entity"]} for hits in self.hits.values() for h in hits}
+        return [rows[i] for i in kwargs["ids"] if i in rows]
 
 
 class FakeEmbeddings:
@@ -100,15 +118,16 @@ def fake_store(client: FakeClient, exists: bool = True) -> Any:
         collection="rag_docs",
         embeddings=FakeEmbeddings(),
         settings=SimpleNamespace(milvus_uri="./test.db"),
+        dense_index_type="FLAT",
         exists=lambda: exists,
     )
 
 
-def hit(source: str, distance: float, text: str = "t") -> dict[str, Any]:
+def hit(source: str, distance: float, text: str = "t", headers: tuple[str, ...] = ("H",)) -> dict[str, Any]:
     return {
-        "id": f"id-{source}",
+        "pk": f"id-{source}-{'/'.join(headers)}",
         "distance": distance,
-        "entity": {"text": text, "source": source, "root": "/kb", "headers": ["H"], "chunk_index": 2},
+        "entity": {"text": text, "source": source, "root": "/kb", "headers": list(headers), "chunk_index": 2},
     }
 
 
@@ -126,66 +145,96 @@ def test_missing_collection_gives_no_results() -> None:
     assert client.calls == []
 
 
-def test_sparse_search_maps_hits_and_filters_sources() -> None:
-    client = FakeClient(hits=[hit("faq/a.md", -7.5, "alpha"), hit("other/b.md", -3.0), hit("faq/c.md", -1.0)])
+def test_sparse_search_uses_the_raw_text_and_filters_sources() -> None:
+    client = FakeClient(
+        hits={"sparse": [hit("faq/a.md", -7.5, "alpha"), hit("other/b.md", -3.0), hit("faq/c.md", -1.0)]}
+    )
     retriever = MilvusRetriever(store=fake_store(client), k=3, search="sparse")
 
     docs = retriever.retrieve("milvus storage", k=2, source_glob="faq/*")
 
-    ((name, args, kwargs),) = client.calls
-    assert name == "search" and args == ("rag_docs",)
+    search = [c for c in client.calls if c[0] == "search"]
+    assert len(search) == 1
+    kwargs = search[0][2]
     assert kwargs["data"] == ["milvus storage"]  # BM25 searches the raw text
     assert kwargs["anns_field"] == "sparse"
-    assert kwargs["limit"] == 2
     assert kwargs["filter"] == 'source like "faq/%"'
     # "other/b.md" slipped through the (fake) server filter: the glob check drops it.
     assert [d.metadata["source"] for d in docs] == ["faq/a.md", "faq/c.md"]
     first = docs[0]
-    assert first.page_content == "alpha"
-    assert first.metadata["score"] == pytest.approx(7.5)
+    assert first.page_content == "alpha"  # text fetched for the winners only
     assert first.metadata == {
-        "id": "id-faq/a.md",
+        "id": "id-faq/a.md-H",
         "source": "faq/a.md",
         "root": "/kb",
         "headers": ["H"],
         "chunk_index": 2,
-        "score": pytest.approx(7.5),
+        "score": pytest.approx(7.5),  # Milvus Lite's negated BM25 distance, as a score
     }
 
 
-def test_dense_search_embeds_the_query() -> None:
-    client = FakeClient(hits=[hit("a.md", 0.8)])
+def test_dense_search_embeds_once_and_searches_chunk_and_heading_vectors() -> None:
+    client = FakeClient(hits={"dense": [hit("a.md", 0.8)], "head": [hit("a.md", 0.6)]})
     store = fake_store(client)
     docs = MilvusRetriever(store=store, k=4, search="dense").retrieve(
         "what is a segment?", expr="chunk_index > 0"
     )
-    ((name, _, kwargs),) = client.calls
-    assert name == "search"
+    searches = [c[2] for c in client.calls if c[0] == "search"]
     assert store.embeddings.queries == ["what is a segment?"]
-    assert kwargs["data"] == [[0.1, 0.2, 0.3]]
-    assert kwargs["anns_field"] == "dense"
-    assert kwargs["limit"] == 4
-    assert kwargs["filter"] == "(chunk_index > 0)"
-    assert docs[0].metadata["score"] == pytest.approx(0.8)
+    assert sorted(s["anns_field"] for s in searches) == ["dense", "head"]
+    assert all(s["data"] == [[0.1, 0.2, 0.3]] and s["filter"] == "(chunk_index > 0)" for s in searches)
+    assert docs[0].metadata["score"] == pytest.approx(0.8 + HEAD_WEIGHT * 0.6)
 
 
-def test_hybrid_search_fuses_dense_and_sparse() -> None:
-    client = FakeClient(hits=[hit("a.md", 0.03)])
-    store = fake_store(client)
-    docs = MilvusRetriever(store=store, k=3, search="hybrid").retrieve("segment")
-    ((name, _, kwargs),) = client.calls
-    assert name == "hybrid_search"
-    assert kwargs["limit"] == 3
-    fields = sorted(r.anns_field for r in kwargs["reqs"])
-    assert fields == ["dense", "sparse"]
-    assert all(r.limit >= 3 for r in kwargs["reqs"])
-    assert [d.metadata["source"] for d in docs] == ["a.md"]
+def test_hybrid_adds_bm25_and_collapses_sections() -> None:
+    client = FakeClient(
+        hits={
+            "dense": [
+                hit("a.md", 0.70, headers=("A", "x")),
+                hit("a.md", 0.69, headers=("A", "x")),
+                hit("b.md", 0.68),
+            ],
+            "head": [hit("b.md", 0.60)],
+            "sparse": [hit("b.md", 9.0), hit("a.md", 1.0, headers=("A", "x"))],
+        }
+    )
+    docs = MilvusRetriever(store=fake_store(client), k=3, search="hybrid").retrieve("segment")
+    assert sorted(c[2]["anns_field"] for c in client.calls if c[0] == "search") == ["dense", "head", "sparse"]
+    # b.md wins on heading and BM25; a.md's two chunks of one section count once.
+    assert [(d.metadata["source"], d.metadata["headers"]) for d in docs] == [
+        ("b.md", ["H"]),
+        ("a.md", ["A", "x"]),
+    ]
+
+
+def test_fuse_gives_missing_candidates_the_list_floor() -> None:
+    a, b, c = ({"pk": p, "distance": 0.0, "entity": {}} for p in "abc")
+    lists = [
+        (1.0, [{**a, "distance": 0.9}, {**b, "distance": 0.5}]),
+        (0.5, [{**c, "distance": 0.8}, {**b, "distance": 0.4}]),
+    ]
+    scores = {h["pk"]: h["distance"] for h in fuse(lists)}
+    assert scores["a"] == pytest.approx(0.9 + 0.5 * 0.4)  # missing from list 2: its floor
+    assert scores["b"] == pytest.approx(0.5 + 0.5 * 0.4)
+    assert scores["c"] == pytest.approx(0.5 + 0.5 * 0.8)  # missing from list 1: its floor
+    assert [h["pk"] for h in fuse(lists)] == ["a", "c", "b"]
+    assert [h["distance"] for h in scale([{**a, "distance": 2.0}, {**b, "distance": 6.0}])] == [0.0, 1.0]
+
+
+def test_collapse_keeps_the_best_chunk_per_section() -> None:
+    hits = [hit("a.md", 0.9, "1"), hit("a.md", 0.8, "2"), hit("b.md", 0.7), hit("a.md", 0.6, "3", ("Other",))]
+    kept = collapse_sections(hits)
+    assert [(h["entity"]["source"], h["entity"]["text"]) for h in kept] == [
+        ("a.md", "1"),
+        ("b.md", "t"),
+        ("a.md", "3"),
+    ]
 
 
 def test_per_call_mode_overrides_the_default() -> None:
     client = FakeClient()
     MilvusRetriever(store=fake_store(client), k=3, search="hybrid").retrieve("q", search="sparse")
-    assert client.calls[0][0] == "search"
+    assert [c[2]["anns_field"] for c in client.calls if c[0] == "search"] == ["sparse"]
 
 
 def test_bad_filter_is_an_input_error() -> None:
@@ -210,7 +259,7 @@ def test_unreachable_server_with_a_filter_is_still_a_store_error() -> None:
 
 
 def test_retriever_is_a_langchain_runnable() -> None:
-    client = FakeClient(hits=[hit("a.md", 0.5, "runnable text")])
+    client = FakeClient(hits={"dense": [hit("a.md", 0.5, "runnable text")]})
     docs = MilvusRetriever(store=fake_store(client), k=1, search="dense").invoke("q")
     assert [d.page_content for d in docs] == ["runnable text"]
 
