@@ -40,6 +40,66 @@ def child_ingest(corpus: Path, env: dict[str, str]) -> tuple[dict, float, float]
     return report, wall, report["peak_rss_mb"]
 
 
+def compare_indexes(store: object, queries: list[list[float]], path: Path) -> list[str]:
+    """FLAT against HNSW and IVF_FLAT on the stored chunk vectors: recall@10 and latency."""
+    from pymilvus import DataType, MilvusClient
+
+    from chains.store import DENSE_FIELD, PRIMARY_FIELD
+
+    source = store.client  # type: ignore[attr-defined]
+    rows = []
+    iterator = source.query_iterator(
+        store.collection,  # type: ignore[attr-defined]
+        batch_size=1000,
+        filter="",
+        output_fields=[PRIMARY_FIELD, DENSE_FIELD],
+    )
+    while batch := iterator.next():
+        rows.extend({"pk": r[PRIMARY_FIELD], "v": r[DENSE_FIELD]} for r in batch)
+    iterator.close()
+    client = MilvusClient(str(path))
+    results: dict[str, list[list[str]]] = {}
+    report = []
+    for index, params, search in (
+        ("FLAT", {}, {}),
+        ("HNSW", {"M": 16, "efConstruction": 200}, {"ef": 128}),
+        ("IVF_FLAT", {"nlist": 64}, {"nprobe": 16}),
+    ):
+        name = f"bench_{index.lower()}"
+        schema = client.create_schema(auto_id=False)
+        schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=64)
+        schema.add_field("v", DataType.FLOAT_VECTOR, dim=len(rows[0]["v"]))
+        index_params = client.prepare_index_params()
+        index_params.add_index("v", index_type=index, metric_type="COSINE", params=params)
+        client.create_collection(name, schema=schema, index_params=index_params, consistency_level="Strong")
+        started = time.perf_counter()
+        for i in range(0, len(rows), 1000):
+            client.insert(name, rows[i : i + 1000])
+        client.flush(name)
+        build_s = time.perf_counter() - started
+        timings, found = [], []
+        for q in queries:
+            t = time.perf_counter()
+            hits = client.search(
+                name,
+                data=[q],
+                anns_field="v",
+                limit=10,
+                search_params={"metric_type": "COSINE", "params": search},
+            )[0]
+            timings.append((time.perf_counter() - t) * 1000)
+            found.append([h["pk"] for h in hits])
+        results[index] = found
+        exact = results["FLAT"]
+        recall = statistics.mean(len(set(a) & set(b)) / 10 for a, b in zip(found, exact, strict=True))
+        report.append(
+            f"| {index} on {len(rows)} vectors: build {build_s:.1f} s, search p50 "
+            f"{statistics.median(timings):.1f} ms, recall@10 vs FLAT | {recall:.3f} |"
+        )
+    client.close()
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--corpus", type=Path, default=SHARED / "corpus" / "milvus-docs")
@@ -93,9 +153,9 @@ def main() -> None:
                 timings.append((time.perf_counter() - t) * 1000)
             latencies[mode] = timings
         started = time.perf_counter()
-        for q in questions:
-            service.embeddings.embed_query(q)
+        query_vectors = [service.embeddings.embed_query(q) for q in questions]
         embed_ms = (time.perf_counter() - started) * 1000 / len(questions)
+        index_rows = compare_indexes(service.get_store(), query_vectors, Path(folder) / "index.db")
         service.close()
 
     chunks = first["added"]
@@ -116,6 +176,8 @@ def main() -> None:
     print(f"| re-ingest added / unchanged | {again['added']} / {again['unchanged']} |")
     print(f"| peak RSS first ingest / re-ingest | {first_rss:.0f} MiB / {again_rss:.0f} MiB |")
     print(f"| query embedding alone (mean) | {embed_ms:.1f} ms |")
+    for row in index_rows:
+        print(row)
     for mode, timings in latencies.items():
         print(
             f"| search {mode}, k=10, p50 / p95 | "

@@ -184,7 +184,8 @@ def ingest(
     """Bring the store in line with the files under `paths`; returns what changed."""
     started = time.perf_counter()
     report = IngestReport()
-    loader = DocumentSourceLoader(paths, max_bytes=max_bytes)
+    # The same path twice would insert its new chunks twice (ids are checked once per root).
+    loader = DocumentSourceLoader(list(dict.fromkeys(paths)), max_bytes=max_bytes)
     stored: dict[str, dict[str, set[str]]] = {}
     seen: dict[str, set[str]] = defaultdict(set)
     bar = tqdm(
