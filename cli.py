@@ -127,8 +127,8 @@ def cmd_ask(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     service = _service(settings)
     chain = service.chain
     payload = {"question": question}
-    if args.k is not None:
-        service.retriever.k = args.k
+    overrides = {"k": args.k, "search": args.mode, "source": args.source, "filter": args.filter}
+    chain = chain.with_config(configurable={k: v for k, v in overrides.items() if v is not None})
     try:
         if args.json or args.no_stream:
             result = chain.invoke(payload)
@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="answer a question with citations")
     p.add_argument("question")
     p.add_argument("-k", type=int, default=None, help="passages given to the model")
+    p.add_argument("--mode", choices=["hybrid", "dense", "sparse"], default=None)
+    p.add_argument("--source", default=None, help="only sources matching this glob, e.g. 'faq/*'")
+    p.add_argument("--filter", default=None, help="a Milvus filter expression")
     p.add_argument("--json", action="store_true", help="print the chain's output as JSON")
     p.add_argument("--no-stream", action="store_true", help="print the answer when complete")
     p.set_defaults(handler=cmd_ask)

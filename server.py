@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
         return RedirectResponse("/rag/playground/")
 
     add_routes(app, service.chain, path="/rag")
-    add_routes(app, service.retriever, path="/retriever")
+    add_routes(app, service.configurable_retriever, path="/retriever")
     return app
 
 

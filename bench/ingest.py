@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -47,7 +48,7 @@ def compare_indexes(store: object, queries: list[list[float]], path: Path) -> li
     from chains.store import DENSE_FIELD, PRIMARY_FIELD
 
     source = store.client  # type: ignore[attr-defined]
-    rows = []
+    rows: list[dict[str, Any]] = []
     iterator = source.query_iterator(
         store.collection,  # type: ignore[attr-defined]
         batch_size=1000,

@@ -87,7 +87,7 @@ def _question(inputs: dict[str, Any]) -> str:
 
 
 def build_rag_chain(
-    retriever: BaseRetriever,
+    retriever: BaseRetriever | Runnable,
     llm: BaseChatModel | None,
     prompt: ChatPromptTemplate = RAG_PROMPT,
     max_question_chars: int = MAX_QUESTION_CHARS,

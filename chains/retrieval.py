@@ -12,6 +12,7 @@ from typing import Any
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
+from langchain_core.runnables import ConfigurableField, Runnable
 from pydantic import ConfigDict, Field
 
 from chains.store import (
@@ -239,3 +240,17 @@ def make_retriever(
 ) -> MilvusRetriever:
     """The retriever over a store (or a function that returns the open store)."""
     return MilvusRetriever(store=store, k=k, search=search, max_k=max_k)
+
+
+def per_request_settings(retriever: MilvusRetriever) -> Runnable:
+    """The retriever with k, search mode, source glob and filter settable per call.
+
+    Over LangServe: `{"config": {"configurable": {"k": 5, "search": "dense",
+    "source": "faq/*", "filter": "chunk_index == 0"}}}`.
+    """
+    return retriever.configurable_fields(
+        k=ConfigurableField(id="k", name="k", description="passages to retrieve"),
+        search=ConfigurableField(id="search", name="search", description="hybrid, dense or sparse"),
+        source_glob=ConfigurableField(id="source", name="source", description="glob on the source path"),
+        expr=ConfigurableField(id="filter", name="filter", description="Milvus filter expression"),
+    )

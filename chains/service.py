@@ -11,7 +11,7 @@ from langchain_core.runnables import Runnable
 
 from chains.embeddings import PymilvusEmbeddings, load_tokenizer, make_embeddings
 from chains.rag import build_rag_chain
-from chains.retrieval import MilvusRetriever, make_retriever
+from chains.retrieval import MilvusRetriever, make_retriever, per_request_settings
 from chains.store import RagStore, make_store
 from errors import StoreError
 from loaders.markdown import Chunker, token_counter
@@ -30,14 +30,17 @@ class RagService:
     _store: RagStore | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     retriever: MilvusRetriever = field(init=False)
+    # The same retriever with k, mode and filters settable per request (LangServe config).
+    configurable_retriever: Runnable = field(init=False)
     chain: Runnable = field(init=False)
 
     def __post_init__(self) -> None:
         self.retriever = make_retriever(
             self.get_store, self.settings.top_k, self.settings.search, self.settings.max_k
         )
+        self.configurable_retriever = per_request_settings(self.retriever)
         self.chain = build_rag_chain(
-            self.retriever, self.llm, max_question_chars=self.settings.max_question_chars
+            self.configurable_retriever, self.llm, max_question_chars=self.settings.max_question_chars
         )
 
     def get_store(self) -> RagStore:

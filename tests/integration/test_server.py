@@ -161,3 +161,17 @@ def test_remote_runnable_over_real_uvicorn(live_server: str, llm_server: LLMServ
     docs = retriever.invoke(QUESTION)  # type: ignore[arg-type]
     assert SECTION in docs[0].metadata["headers"]
     assert httpx.get(f"{live_server}/health").json()["status"] == "ok"
+
+
+async def test_per_request_settings_filter_and_size_the_retrieval(faq_db: Settings, embeddings: Any) -> None:
+    config = {"configurable": {"k": 2, "source": "troubleshooting.md", "search": "dense"}}
+    async with asgi_client(faq_db, embeddings, llm=None) as client:
+        rag = await client.post("/rag/invoke", json={"input": {"question": QUESTION}, "config": config})
+        docs = await client.post("/retriever/invoke", json={"input": "etcd pod pending", "config": config})
+        too_many = await client.post(
+            "/rag/invoke", json={"input": {"question": QUESTION}, "config": {"configurable": {"k": 500}}}
+        )
+    sources = rag.json()["output"]["sources"]
+    assert [s["source"] for s in sources] == ["troubleshooting.md"] * 2
+    assert {d["metadata"]["source"] for d in docs.json()["output"]} == {"troubleshooting.md"}
+    assert too_many.status_code == 422 and "k must be between" in too_many.json()["detail"]

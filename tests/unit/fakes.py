@@ -47,11 +47,13 @@ class FixedRetriever(BaseRetriever):
     documents: list[Document] = Field(default_factory=list)
     queries: list[str] = Field(default_factory=list)
     k: int = 3
+    seen_k: Any = Field(default_factory=list)  # Any: not copied, so shared with configured copies
 
     def _get_relevant_documents(
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun | None = None
     ) -> list[Document]:
         self.queries.append(query)
+        self.seen_k.append(self.k)
         return list(self.documents)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import openai
 import pytest
+from langchain_core.runnables import ConfigurableField
 
 import cli
 from chains.rag import build_rag_chain
@@ -28,7 +29,8 @@ def run(argv: list[str], **settings_values: Any) -> tuple[int, str]:
 class FakeService:
     def __init__(self, llm: Any = None, documents: list[Any] | None = None):
         self.retriever = FixedRetriever(documents=FAQ_DOCS if documents is None else documents)
-        self.chain = build_rag_chain(self.retriever, llm)
+        configurable = self.retriever.configurable_fields(k=ConfigurableField(id="k"))
+        self.chain = build_rag_chain(configurable, llm)
         self.closed = 0
 
     def close(self) -> None:
@@ -160,7 +162,7 @@ def test_ask_no_stream_prints_answer_and_sources(service: dict[str, Any]) -> Non
 def test_ask_k_sets_the_retrievers_k(service: dict[str, Any]) -> None:
     code, _ = run(["ask", "q?", "-k", "5", "--json"])
     assert code == 0
-    assert service["service"].retriever.k == 5
+    assert service["service"].retriever.seen_k == [5]
 
 
 def test_ask_with_no_passages_prints_no_sources_block(service: dict[str, Any]) -> None:
