@@ -145,8 +145,10 @@ class NaivePipeline:
     def __init__(self, embeddings: Any, uri: str, collection: str = "naive_baseline"):
         from pymilvus import MilvusClient
 
+        from chains.store import GRPC_OPTIONS
+
         self.embeddings = embeddings
-        self.client = MilvusClient(uri=uri)
+        self.client = MilvusClient(uri=uri, grpc_options=GRPC_OPTIONS)
         self.collection = collection
         self.chunks = 0
 

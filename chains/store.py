@@ -44,6 +44,9 @@ OUTPUT_FIELDS = [TEXT_FIELD, "source", "root", "headers", "chunk_index"]
 RANK_FIELDS = ["source", "headers"]  # all that ranking needs; text is fetched for the top k only
 
 
+GRPC_OPTIONS = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False}
+
+
 def dense_index(settings: Settings) -> dict[str, Any]:
     """Index parameters of the two dense fields (used when the collection is created)."""
     return HNSW_INDEX if settings.index == "HNSW" else DENSE_INDEX
@@ -63,7 +66,10 @@ def connection_args(settings: Settings) -> dict[str, Any]:
         path = Path(uri).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         uri = str(path.resolve())
-    args: dict[str, Any] = {"uri": uri}
+    # pymilvus pings every 10 s even when idle; Milvus Lite's gRPC server (file or
+    # `milvus-lite server`) allows one ping per 5 minutes and then answers GOAWAY
+    # "too_many_pings", which breaks the next call. Ping no more often than it allows.
+    args: dict[str, Any] = {"uri": uri, "grpc_options": GRPC_OPTIONS}
     if settings.milvus_token is not None:
         args["token"] = settings.milvus_token.get_secret_value()
     return args

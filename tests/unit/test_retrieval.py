@@ -8,6 +8,7 @@ from typing import Any, cast
 import pytest
 
 from chains.retrieval import (
+    BM25_WEIGHT,
     HEAD_WEIGHT,
     MilvusRetriever,
     build_filter,
@@ -97,6 +98,20 @@ class FakeClient:
             ]
         ]
 
+    def hybrid_search(self, *args: Any, **kwargs: Any) -> list[list[dict[str, Any]]]:
+        """Milvus fuses the chunk and heading lists; the fake answers with `hits["fused"]`."""
+        self.calls.append(("hybrid_search", args, kwargs))
+        if self.error:
+            raise self.error
+        fields = kwargs["output_fields"]
+        hits = self.hits.get("fused", [])
+        return [
+            [
+                {"pk": h["pk"], "distance": h["distance"], "entity": {f: h["entity"][f] for f in fields}}
+                for h in hits
+            ]
+        ]
+
     def get(self, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
         self.calls.append(("get", args, kwargs))
         rows = {h["pk"]: {"pk": h["pk"], **h["entity"]} for hits in self.hits.values() for h in hits}
@@ -173,38 +188,42 @@ def test_sparse_search_uses_the_raw_text_and_filters_sources() -> None:
     }
 
 
-def test_dense_search_embeds_once_and_searches_chunk_and_heading_vectors() -> None:
-    client = FakeClient(hits={"dense": [hit("a.md", 0.8)], "head": [hit("a.md", 0.6)]})
+def test_dense_search_embeds_once_and_weighs_chunk_and_heading_vectors() -> None:
+    client = FakeClient(hits={"fused": [hit("a.md", 1.1)]})
     store = fake_store(client)
     docs = MilvusRetriever(store=store, k=4, search="dense").retrieve(
         "what is a segment?", expr="chunk_index > 0"
     )
-    searches = [c[2] for c in client.calls if c[0] == "search"]
+    ((name, _, kwargs),) = [c for c in client.calls if c[0] != "get"]
+    assert name == "hybrid_search"
     assert store.embeddings.queries == ["what is a segment?"]
-    assert sorted(s["anns_field"] for s in searches) == ["dense", "head"]
-    assert all(s["data"] == [[0.1, 0.2, 0.3]] and s["filter"] == "(chunk_index > 0)" for s in searches)
-    assert docs[0].metadata["score"] == pytest.approx(0.8 + HEAD_WEIGHT * 0.6)
+    assert [r.anns_field for r in kwargs["reqs"]] == ["dense", "head"]
+    assert all(r.data == [[0.1, 0.2, 0.3]] and r.expr == "(chunk_index > 0)" for r in kwargs["reqs"])
+    ranker = kwargs["ranker"].dict()
+    assert ranker["strategy"] == "weighted" and ranker["params"]["weights"] == [1.0, HEAD_WEIGHT]
+    assert ranker["params"]["norm_score"] is False  # raw cosines are added
+    assert docs[0].metadata["score"] == pytest.approx(1.1)
 
 
 def test_hybrid_adds_bm25_and_collapses_sections() -> None:
     client = FakeClient(
         hits={
-            "dense": [
-                hit("a.md", 0.70, headers=("A", "x")),
-                hit("a.md", 0.69, headers=("A", "x")),
-                hit("b.md", 0.68),
+            "fused": [
+                hit("a.md", 1.05, headers=("A", "x")),
+                hit("a.md", 1.04, headers=("A", "x")),
+                hit("b.md", 1.0),
             ],
-            "head": [hit("b.md", 0.60)],
             "sparse": [hit("b.md", 9.0), hit("a.md", 1.0, headers=("A", "x"))],
         }
     )
     docs = MilvusRetriever(store=fake_store(client), k=3, search="hybrid").retrieve("segment")
-    assert sorted(c[2]["anns_field"] for c in client.calls if c[0] == "search") == ["dense", "head", "sparse"]
-    # b.md wins on heading and BM25; a.md's two chunks of one section count once.
+    assert sorted(c[0] for c in client.calls if c[0] != "get") == ["hybrid_search", "search"]
+    # b.md wins with BM25; a.md's two chunks of one section count once.
     assert [(d.metadata["source"], d.metadata["headers"]) for d in docs] == [
         ("b.md", ["H"]),
         ("a.md", ["A", "x"]),
     ]
+    assert docs[0].metadata["score"] == pytest.approx(1.0 + BM25_WEIGHT * 1.0)
 
 
 def test_fuse_gives_missing_candidates_the_list_floor() -> None:
@@ -259,7 +278,7 @@ def test_unreachable_server_with_a_filter_is_still_a_store_error() -> None:
 
 
 def test_retriever_is_a_langchain_runnable() -> None:
-    client = FakeClient(hits={"dense": [hit("a.md", 0.5, "runnable text")]})
+    client = FakeClient(hits={"fused": [hit("a.md", 0.5, "runnable text")]})
     docs = MilvusRetriever(store=fake_store(client), k=1, search="dense").invoke("q")
     assert [d.page_content for d in docs] == ["runnable text"]
 
