@@ -12,6 +12,7 @@ import pytest
 from chains.service import RagService, open_service
 from loaders.ingest import ingest
 from settings import Settings
+from tests.llm_server import LLMServer
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,21 @@ def faq_db(tmp_path_factory: pytest.TempPathFactory, corpus: Path, embeddings: A
     assert report.files == 4 and report.total_chunks >= 60 and not report.skipped
     service.close()
     yield settings
+
+
+QUESTION = "How is data stored in milvus?"
+SECTION = "Where does Milvus store data?"
+
+
+def with_llm(settings: Settings, server: LLMServer) -> Settings:
+    """Settings pointing DeepSeek at the local OpenAI-compatible test server."""
+    return settings.model_copy(
+        update={
+            "deepseek_api_key": server.api_key_secret(),
+            "deepseek_base_url": server.url,
+            "deepseek_max_retries": 0,
+        }
+    )
 
 
 def faq_service(settings: Settings, embeddings: Any, llm: Any) -> RagService:

@@ -8,23 +8,10 @@ import pytest
 
 from chains.llm import make_llm
 from settings import Settings
-from tests.integration.conftest import faq_service
+from tests.integration.conftest import QUESTION, SECTION, faq_service, with_llm
 from tests.llm_server import LLMServer
 
 pytestmark = pytest.mark.integration
-
-QUESTION = "How is data stored in milvus?"
-SECTION = "Where does Milvus store data?"
-
-
-def llm_settings(faq_db: Settings, server: LLMServer) -> Settings:
-    return faq_db.model_copy(
-        update={
-            "deepseek_api_key": server.api_key_secret(),
-            "deepseek_base_url": server.url,
-            "deepseek_max_retries": 0,
-        }
-    )
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse", "hybrid"])
@@ -41,7 +28,7 @@ def test_question_retrieves_the_storage_section(faq_db: Settings, embeddings: An
 def test_answer_comes_from_the_model_with_the_section_in_its_prompt(
     faq_db: Settings, embeddings: Any, llm_server: LLMServer
 ) -> None:
-    settings = llm_settings(faq_db, llm_server)
+    settings = with_llm(faq_db, llm_server)
     service = faq_service(settings, embeddings, llm=make_llm(settings))
     try:
         result = service.chain.invoke({"question": QUESTION})
@@ -66,7 +53,7 @@ def test_answer_comes_from_the_model_with_the_section_in_its_prompt(
 def test_streamed_answer_arrives_token_by_token(
     faq_db: Settings, embeddings: Any, llm_server: LLMServer
 ) -> None:
-    settings = llm_settings(faq_db, llm_server)
+    settings = with_llm(faq_db, llm_server)
     service = faq_service(settings, embeddings, llm=make_llm(settings))
     try:
         chunks = list(service.chain.stream({"question": QUESTION}))

@@ -17,23 +17,10 @@ from langserve import RemoteRunnable
 from chains.llm import make_llm
 from server import create_app
 from settings import Settings
-from tests.integration.conftest import faq_service
+from tests.integration.conftest import QUESTION, SECTION, faq_service, with_llm
 from tests.llm_server import LLMServer
 
 pytestmark = pytest.mark.integration
-
-QUESTION = "How is data stored in milvus?"
-SECTION = "Where does Milvus store data?"
-
-
-def with_llm(settings: Settings, server: LLMServer) -> Settings:
-    return settings.model_copy(
-        update={
-            "deepseek_api_key": server.api_key_secret(),
-            "deepseek_base_url": server.url,
-            "deepseek_max_retries": 0,
-        }
-    )
 
 
 @asynccontextmanager
