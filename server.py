@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -49,6 +50,24 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
         lifespan=lifespan,
     )
     app.state.service = service
+
+    keys = [key.encode() for key in settings.api_key_list]
+    if keys:
+
+        @app.middleware("http")
+        async def require_api_key(request: Request, call_next: Any) -> Any:
+            # Checked before any route runs: a bad key never reaches Milvus or DeepSeek.
+            if request.url.path == "/health":
+                return await call_next(request)
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            given = token.strip().encode()
+            if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k) for k in keys):
+                return JSONResponse(
+                    status_code=401,
+                    content={"detail": "missing or invalid API key: send Authorization: Bearer <key>"},
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            return await call_next(request)
 
     @app.exception_handler(RagError)
     async def rag_error(_: Request, exc: RagError) -> JSONResponse:

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     chunk_tokens: int = Field(default=240, alias="RAG_CHUNK_TOKENS", ge=32, le=254)
     max_question_chars: int = Field(default=4000, alias="RAG_MAX_QUESTION_CHARS", ge=1)
 
+    api_keys: SecretStr | None = Field(default=None, alias="RAG_API_KEYS")
     host: str = Field(default="127.0.0.1", alias="RAG_HOST")
     port: int = Field(default=8000, alias="RAG_PORT", ge=1, le=65535)
 
@@ -43,6 +44,13 @@ class Settings(BaseSettings):
     def llm_configured(self) -> bool:
         """True when a DeepSeek key is set."""
         return self.deepseek_api_key is not None and bool(self.deepseek_api_key.get_secret_value())
+
+    @property
+    def api_key_list(self) -> list[str]:
+        """The accepted bearer tokens (RAG_API_KEYS, comma-separated); empty: no auth."""
+        if self.api_keys is None:
+            return []
+        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
 
     @property
     def milvus_is_server(self) -> bool:

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import uvicorn
 from langserve import RemoteRunnable
+from pydantic import SecretStr
 
 from chains.llm import make_llm
 from server import create_app
@@ -162,3 +163,23 @@ async def test_per_request_settings_filter_and_size_the_retrieval(faq_db: Settin
     assert [s["source"] for s in sources] == ["troubleshooting.md"] * 2
     assert {d["metadata"]["source"] for d in docs.json()["output"]} == {"troubleshooting.md"}
     assert too_many.status_code == 422 and "k must be between" in too_many.json()["detail"]
+
+
+async def test_api_keys_guard_every_route_but_health(faq_db: Settings, embeddings: Any) -> None:
+    settings = faq_db.model_copy(update={"api_keys": SecretStr("k1, k2")})
+    service = faq_service(settings, embeddings, llm=None)
+    app = create_app(service=service)
+    body = {"input": {"question": QUESTION}}
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        missing = await client.post("/rag/invoke", json=body)
+        wrong = await client.post("/rag/invoke", json=body, headers={"Authorization": "Bearer nope"})
+        playground = await client.get("/rag/playground/")
+        health = await client.get("/health")
+        right = await client.post("/rag/invoke", json=body, headers={"Authorization": "Bearer k2"})
+    assert missing.status_code == wrong.status_code == playground.status_code == 401
+    assert "API key" in missing.json()["detail"] and missing.headers["www-authenticate"] == "Bearer"
+    assert health.status_code == 200
+    assert right.status_code == 200 and SECTION in right.json()["output"]["sources"][0]["headers"]
