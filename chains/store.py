@@ -97,6 +97,7 @@ class RagStore:
     embeddings: PymilvusEmbeddings
     settings: Settings
     _index_type: str | None = None
+    _exists: bool = False
 
     @property
     def client(self) -> MilvusClient:
@@ -116,8 +117,14 @@ class RagStore:
         return self._index_type
 
     def exists(self) -> bool:
-        """Whether the collection has been created (by a first ingest)."""
-        return bool(self.client.has_collection(self.collection))
+        """Whether the collection has been created (by a first ingest).
+
+        Asked before every search, so a yes is remembered: collections are never dropped
+        by this service (a drop from outside then surfaces as a failed search).
+        """
+        if not self._exists:
+            self._exists = bool(self.client.has_collection(self.collection))
+        return self._exists
 
     def count(self) -> int:
         """Number of chunks stored."""

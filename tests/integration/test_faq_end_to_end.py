@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from langchain_core.runnables import Runnable
 
 from chains.llm import make_llm
 from settings import Settings
@@ -25,15 +27,19 @@ def test_question_retrieves_the_storage_section(faq_db: Settings, embeddings: An
     assert SECTION in documents[0].metadata["headers"]
 
 
-def test_answer_comes_from_the_model_with_the_section_in_its_prompt(
-    faq_db: Settings, embeddings: Any, llm_server: LLMServer
-) -> None:
+@pytest.fixture
+def chain(faq_db: Settings, embeddings: Any, llm_server: LLMServer) -> Iterator[Runnable]:
+    """The RAG chain over the FAQ store, with ChatOpenAI pointed at the test server."""
     settings = with_llm(faq_db, llm_server)
     service = faq_service(settings, embeddings, llm=make_llm(settings))
-    try:
-        result = service.chain.invoke({"question": QUESTION})
-    finally:
-        service.close()
+    yield service.chain
+    service.close()
+
+
+def test_answer_comes_from_the_model_with_the_section_in_its_prompt(
+    chain: Runnable, llm_server: LLMServer
+) -> None:
+    result = chain.invoke({"question": QUESTION})
     assert result["answer"] == llm_server.behaviour.reply
     assert SECTION in result["sources"][0]["headers"]
     assert [s["n"] for s in result["sources"]] == [1, 2, 3]
@@ -50,15 +56,8 @@ def test_answer_comes_from_the_model_with_the_section_in_its_prompt(
     assert '<passage n="1" source="product_faq.md"' in human["content"]
 
 
-def test_streamed_answer_arrives_token_by_token(
-    faq_db: Settings, embeddings: Any, llm_server: LLMServer
-) -> None:
-    settings = with_llm(faq_db, llm_server)
-    service = faq_service(settings, embeddings, llm=make_llm(settings))
-    try:
-        chunks = list(service.chain.stream({"question": QUESTION}))
-    finally:
-        service.close()
+def test_streamed_answer_arrives_token_by_token(chain: Runnable, llm_server: LLMServer) -> None:
+    chunks = list(chain.stream({"question": QUESTION}))
     answer_chunks = [c["answer"] for c in chunks if "answer" in c]
     source_chunks = [c["sources"] for c in chunks if "sources" in c]
     assert len(source_chunks) == 1 and SECTION in source_chunks[0][0]["headers"]
