@@ -110,63 +110,72 @@ def cmd_search(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     return 0
 
 
-def _print_sources(sources: list[dict[str, Any]], out: TextIO) -> None:
-    if not sources:
-        return
-    print("\nSources:", file=out)
-    for s in sources:
-        section = " > ".join(s["headers"])
-        print(f"[{s['n']}] {s['source']}" + (f" — {section}" if section else ""), file=out)
-
-
 def cmd_ask(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    """Answer a question with sources; streams unless --json or --no-stream."""
-    from chains.llm import describe_llm_error
+    """Answer a question with sources, from the chain's stream (the one the server sends)."""
+    from chains.rag import format_sources
 
     question = _question(args.question, settings)
+    if args.model and args.model not in settings.model_list:
+        raise InputError(f"unknown model {args.model!r}: choose one of {', '.join(settings.model_list)}")
     service = _service(settings)
-    chain = service.chain
-    payload = {"question": question}
-    overrides = {"k": args.k, "search": args.mode, "source": args.source, "filter": args.filter}
-    chain = chain.with_config(configurable={k: v for k, v in overrides.items() if v is not None})
+    overrides = {
+        "k": args.k,
+        "search": args.mode,
+        "source": args.source,
+        "filter": args.filter,
+        "model": args.model,
+        "thinking": args.thinking or None,
+    }
+    chain = service.chain.with_config(configurable={k: v for k, v in overrides.items() if v is not None})
+    live = not (args.json or args.no_stream)
+    result: dict[str, Any] = {}
     try:
-        if args.json or args.no_stream:
-            result = chain.invoke(payload)
-            if args.json:
-                print(json.dumps(result), file=out)
-            else:
-                print(result["answer"], file=out)
-                _print_sources(result["sources"], out)
-            return 0
-        sources: list[dict[str, Any]] = []
-        for chunk in chain.stream(payload):
-            if "sources" in chunk:
-                sources = chunk["sources"]
-            if "answer" in chunk:
+        for chunk in chain.stream({"question": question}):
+            if live and chunk.get("reasoning"):
+                sys.stderr.write(chunk["reasoning"])  # the thinking goes apart from the answer
+                sys.stderr.flush()
+            if live and chunk.get("answer"):
+                if result.get("reasoning") and not result.get("answer"):
+                    sys.stderr.write("\n\n")
                 out.write(chunk["answer"])
                 out.flush()
-        out.write("\n")
-        _print_sources(sources, out)
-        return 0
-    except RagError:
-        raise
-    except Exception as exc:
-        llm_error = describe_llm_error(exc, settings)
-        if llm_error is not None:
-            raise llm_error from exc
-        raise
+            for key, value in chunk.items():
+                streamed = key in ("answer", "reasoning")
+                result[key] = result.get(key, "") + value if streamed else value
     finally:
         service.close()
+    if args.json:
+        print(json.dumps(result), file=out)
+        return 0
+    if not live:
+        out.write(result.get("answer", ""))
+    out.write("\n")
+    if result.get("sources"):
+        print("\nSources:\n" + format_sources(result["sources"]), file=out)
+    if args.usage and result.get("usage"):
+        print("usage: " + json.dumps(result["usage"]), file=sys.stderr)
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    """Run the HTTP server."""
+    """Run the HTTP server: in this process, or in --workers N processes sharing one store."""
+    host = args.host or settings.host
+    port = args.port or settings.port
+    if args.workers > 1:
+        import workers
+
+        print(
+            f"serving on http://{host}:{port} with {args.workers} workers (playground: /rag/playground/)",
+            file=out,
+            flush=True,
+        )
+        workers.serve(settings, host, port, args.workers, out)
+        return 0
+
     import uvicorn
 
     from server import create_app
 
-    host = args.host or settings.host
-    port = args.port or settings.port
     print(f"serving on http://{host}:{port} (playground: /rag/playground/)", file=out, flush=True)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     return 0
@@ -261,11 +270,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter", default=None, help="a Milvus filter expression")
     p.add_argument("--json", action="store_true", help="print the chain's output as JSON")
     p.add_argument("--no-stream", action="store_true", help="print the answer when complete")
+    p.add_argument("--model", default=None, help="DeepSeek model id (one of DEEPSEEK_MODELS)")
+    p.add_argument("--thinking", action="store_true", help="let the model reason first (to stderr)")
+    p.add_argument("--usage", action="store_true", help="print token usage to stderr")
     p.set_defaults(handler=cmd_ask)
 
     p = sub.add_parser("serve", help="run the LangServe HTTP server")
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
+    from workers import worker_count  # stdlib and settings only: cheap to import
+
+    p.add_argument(
+        "--workers",
+        type=worker_count,
+        default=1,
+        metavar="N",
+        help="worker processes (default 1); with a Milvus Lite file they share it through a "
+        "`milvus-lite server` that rag starts and stops",
+    )
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("eval", help="retrieval metrics on a JSONL file of questions")

@@ -1,8 +1,9 @@
-"""The LangServe app: the chain at /rag, the retriever at /retriever, and /health."""
+"""The LangServe app: the chain at /rag, the chat at /chat, the retriever at /retriever, /health."""
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,8 +13,10 @@ import openai
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from langserve import add_routes
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from errors import LLMError, RagError
+from errors import STREAM_ERRORS, LLMError, RagError
 from settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -51,23 +54,11 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
     )
     app.state.service = service
 
-    keys = [key.encode() for key in settings.api_key_list]
-    if keys:
-
-        @app.middleware("http")
-        async def require_api_key(request: Request, call_next: Any) -> Any:
-            # Checked before any route runs: a bad key never reaches Milvus or DeepSeek.
-            if request.url.path == "/health":
-                return await call_next(request)
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            given = token.strip().encode()
-            if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k) for k in keys):
-                return JSONResponse(
-                    status_code=401,
-                    content={"detail": "missing or invalid API key: send Authorization: Bearer <key>"},
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-            return await call_next(request)
+    # Pure ASGI middleware (not @app.middleware): it must not buffer streams or hide a
+    # client's disconnect from the stream that should cancel the DeepSeek request.
+    app.add_middleware(StreamErrorMiddleware)
+    if settings.api_key_list:
+        app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list)
 
     @app.exception_handler(RagError)
     async def rag_error(_: Request, exc: RagError) -> JSONResponse:
@@ -75,7 +66,7 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
 
     @app.exception_handler(openai.APIError)
     async def llm_error(_: Request, exc: openai.APIError) -> JSONResponse:
-        error = describe_llm_error(exc, settings) or LLMError(str(exc))
+        error = describe_llm_error(exc, settings.deepseek_base_url) or LLMError(str(exc))
         return JSONResponse(status_code=error.status_code, content={"detail": str(error)})
 
     @app.exception_handler(Exception)
@@ -95,8 +86,73 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
         return RedirectResponse("/rag/playground/")
 
     add_routes(app, service.chain, path="/rag")
+    add_routes(app, service.chat_chain, path="/chat", playground_type="chat")
     add_routes(app, service.configurable_retriever, path="/retriever")
     return app
+
+
+class ApiKeyMiddleware:
+    """Bearer-token auth on every route but /health, before any route runs: a bad key
+    never reaches Milvus or DeepSeek, and the key is never logged."""
+
+    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+        self.app = app
+        self.keys = [key.encode() for key in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        header = Headers(scope=scope).get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode()
+        if scheme.lower() == "bearer" and any(hmac.compare_digest(given, k) for k in self.keys):
+            await self.app(scope, receive, send)
+            return
+        response = JSONResponse(
+            status_code=401,
+            content={"detail": "missing or invalid API key: send Authorization: Bearer <key>"},
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await response(scope, receive, send)
+
+
+# What LangServe sends on any failure mid-stream, whatever the cause.
+GENERIC_STREAM_ERROR = b'{"status_code": 500, "message": "Internal Server Error"}'
+
+
+class StreamErrorMiddleware:
+    """Put the real reason into LangServe's stream `error` event.
+
+    LangServe hides every mid-stream exception behind a generic 500 so as not to leak
+    secrets; our RagErrors are written for users (a stalled or empty DeepSeek answer, a
+    deadline), so the chain records them (chains.rag.STREAM_ERRORS) and they replace it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].endswith(
+            ("/stream", "/stream_events", "/stream_log")
+        ):
+            await self.app(scope, receive, send)
+            return
+        errors: list[RagError] = []
+
+        async def send_with_reason(message: Message) -> None:
+            body = message.get("body", b"")
+            if errors and message["type"] == "http.response.body" and GENERIC_STREAM_ERROR in body:
+                error = errors[-1]
+                reason = json.dumps({"status_code": error.status_code, "message": str(error)})
+                message = {**message, "body": body.replace(GENERIC_STREAM_ERROR, reason.encode())}
+            await send(message)
+
+        token = STREAM_ERRORS.set(errors)
+        try:
+            await self.app(scope, receive, send_with_reason)
+        finally:
+            STREAM_ERRORS.reset(token)
 
 
 def __getattr__(name: str) -> Any:

@@ -22,6 +22,15 @@ class Settings(BaseSettings):
     deepseek_model: str = Field(default="deepseek-v4-flash", alias="DEEPSEEK_MODEL")
     deepseek_timeout: float = Field(default=60.0, alias="DEEPSEEK_TIMEOUT", gt=0)
     deepseek_max_retries: int = Field(default=2, alias="DEEPSEEK_MAX_RETRIES", ge=0)
+    # Model ids a request may pick (configurable `model`); DEEPSEEK_MODEL is always allowed.
+    deepseek_models: str = Field(default="deepseek-v4-flash,deepseek-v4-pro", alias="DEEPSEEK_MODELS")
+    # Whole-answer budget: DeepSeek sends keep-alive comments while busy, so a read
+    # timeout alone never fires.
+    deepseek_deadline: float = Field(default=120.0, alias="DEEPSEEK_DEADLINE", gt=0)
+    # Longest silence allowed between two streamed chunks before the answer is abandoned.
+    deepseek_stall_timeout: float = Field(default=30.0, alias="DEEPSEEK_STALL_TIMEOUT", gt=0)
+    # First retry waits this long, then twice as long each time (with jitter).
+    deepseek_retry_backoff: float = Field(default=0.5, alias="DEEPSEEK_RETRY_BACKOFF", ge=0)
 
     milvus_uri: str = Field(default="./milvus_rag.db", alias="MILVUS_URI")
     milvus_token: SecretStr | None = Field(default=None, alias="MILVUS_TOKEN")
@@ -35,6 +44,8 @@ class Settings(BaseSettings):
     index: Literal["FLAT", "HNSW"] = Field(default="FLAT", alias="RAG_INDEX")
     chunk_tokens: int = Field(default=240, alias="RAG_CHUNK_TOKENS", ge=32, le=254)
     max_question_chars: int = Field(default=4000, alias="RAG_MAX_QUESTION_CHARS", ge=1)
+    # Earlier messages of a conversation that go to the condense and answer prompts.
+    history_messages: int = Field(default=8, alias="RAG_HISTORY_MESSAGES", ge=0, le=100)
 
     api_keys: SecretStr | None = Field(default=None, alias="RAG_API_KEYS")
     host: str = Field(default="127.0.0.1", alias="RAG_HOST")
@@ -44,6 +55,12 @@ class Settings(BaseSettings):
     def llm_configured(self) -> bool:
         """True when a DeepSeek key is set."""
         return self.deepseek_api_key is not None and bool(self.deepseek_api_key.get_secret_value())
+
+    @property
+    def model_list(self) -> list[str]:
+        """Model ids a request may choose, the default first."""
+        models = [self.deepseek_model] + [m.strip() for m in self.deepseek_models.split(",")]
+        return list(dict.fromkeys(m for m in models if m))
 
     @property
     def api_key_list(self) -> list[str]:

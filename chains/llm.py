@@ -1,13 +1,14 @@
-"""DeepSeek through its OpenAI-compatible API."""
+"""DeepSeek through its OpenAI-compatible API, with per-request model, temperature and thinking."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import httpx
-from langchain_openai import ChatOpenAI
+from langchain_core.runnables import ConfigurableField, ConfigurableFieldSingleOption, Runnable
+from langchain_deepseek import ChatDeepSeek
 
-from errors import LLMError
+from errors import LLMError, LLMTimeoutError
 from settings import Settings
 
 
@@ -16,36 +17,101 @@ def thinking_body(thinking: bool) -> dict[str, Any]:
     return {"thinking": {"type": "enabled" if thinking else "disabled"}}
 
 
-def make_llm(settings: Settings, thinking: bool = False) -> ChatOpenAI | None:
-    """The chat model, or None when no DEEPSEEK_API_KEY is set."""
+class DeepSeekChat(ChatDeepSeek):
+    """ChatDeepSeek with thinking as a plain switch, so it can be set per request.
+
+    ChatDeepSeek (not ChatOpenAI) because it keeps the `reasoning_content` that DeepSeek
+    streams while thinking, and reads its prompt-cache usage fields.
+    """
+
+    thinking: bool = False
+
+    @property
+    def _default_params(self) -> dict[str, Any]:
+        params = super()._default_params
+        params["extra_body"] = {**(params.get("extra_body") or {}), **thinking_body(self.thinking)}
+        if self.thinking:
+            # Sampling settings are ignored in thinking mode; don't send them.
+            params.pop("temperature", None)
+        return params
+
+
+def make_llm(settings: Settings) -> Runnable | None:
+    """The chat model (None without DEEPSEEK_API_KEY), with configurable fields
+    `model`, `temperature` and `thinking` for LangServe's per-request config."""
     if not settings.llm_configured:
         return None
     # Own HTTP clients per model: langchain-openai's shared default async client is bound
     # to the first event loop that uses it, which breaks apps that run more than one loop.
     timeout = httpx.Timeout(settings.deepseek_timeout, connect=min(10.0, settings.deepseek_timeout))
-    return ChatOpenAI(
+    model = DeepSeekChat(
         http_client=httpx.Client(timeout=timeout),
         http_async_client=httpx.AsyncClient(timeout=timeout),
-        model=settings.deepseek_model,
-        base_url=settings.deepseek_base_url,
+        model_name=settings.deepseek_model,
+        api_base=settings.deepseek_base_url,
         api_key=settings.deepseek_api_key,
-        temperature=0.0 if not thinking else None,
-        timeout=settings.deepseek_timeout,
-        max_retries=settings.deepseek_max_retries,
+        temperature=0.0,
+        timeout=timeout,
+        # The answer stream retries on its own, and only before the first token (chains/rag.py).
+        max_retries=0,
         stream_usage=True,
-        extra_body=thinking_body(thinking),
+    )
+    models = settings.model_list
+    return model.configurable_fields(
+        model_name=ConfigurableFieldSingleOption(
+            id="model",
+            name="Model",
+            description="DeepSeek model id.",
+            options={m: m for m in models},
+            default=settings.deepseek_model,
+        ),
+        temperature=ConfigurableField(id="temperature", name="Temperature", description="0 to 2."),
+        thinking=ConfigurableField(
+            id="thinking",
+            name="Thinking",
+            description="Let the model reason before answering; its reasoning streams separately.",
+        ),
     )
 
 
-def describe_llm_error(exc: BaseException, settings: Settings) -> LLMError | None:
-    """Our error for an exception from the OpenAI client, or None if it is not one."""
+def _is_transport_error(exc: BaseException) -> bool:
+    # openai 3 runs on httpx2 and may surface the HTTP library's own errors mid-stream.
+    return any(
+        cls.__name__ in ("TransportError", "RemoteProtocolError", "NetworkError")
+        and cls.__module__.startswith(("httpx", "httpcore"))
+        for cls in type(exc).__mro__
+    )
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Worth another try: rate limits, server errors and broken connections."""
     import openai
 
-    where = settings.deepseek_base_url
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in (429, 500, 502, 503, 504)
+    return isinstance(exc, openai.APIConnectionError) or _is_transport_error(exc)
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """The server's Retry-After in seconds, if it sent one."""
+    response = getattr(exc, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def describe_llm_error(exc: BaseException, where: str = "the DeepSeek API") -> LLMError | None:
+    """Our error for an exception from the OpenAI client (`where`: the base URL), or None."""
+    import openai
+
+    if isinstance(exc, LLMError):
+        return exc
     if isinstance(exc, openai.AuthenticationError):
         return LLMError(f"DeepSeek rejected the API key (401) at {where}: check DEEPSEEK_API_KEY")
     if isinstance(exc, openai.APITimeoutError):
-        return LLMError(f"DeepSeek did not answer in time at {where}")
+        return LLMTimeoutError(f"DeepSeek did not answer in time at {where}")
     if isinstance(exc, openai.APIConnectionError):
         return LLMError(f"cannot reach DeepSeek at {where}: check DEEPSEEK_BASE_URL and the network")
     if isinstance(exc, openai.RateLimitError):
@@ -53,4 +119,6 @@ def describe_llm_error(exc: BaseException, settings: Settings) -> LLMError | Non
     if isinstance(exc, openai.APIStatusError):
         message = exc.message if hasattr(exc, "message") else str(exc)
         return LLMError(f"DeepSeek answered {exc.status_code} at {where}: {message}")
+    if _is_transport_error(exc):
+        return LLMError(f"the connection to DeepSeek at {where} broke mid-answer: {exc}")
     return None

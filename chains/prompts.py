@@ -7,7 +7,8 @@ import html
 import re
 
 from langchain_core.documents import Document
-from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.messages import BaseMessage
+from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 
 from loaders.markdown import heading_path
 
@@ -28,11 +29,34 @@ HUMAN_PROMPT = """<context>
 
 Question: {question}"""
 
-RAG_PROMPT = ChatPromptTemplate.from_messages([("system", SYSTEM_PROMPT), ("human", HUMAN_PROMPT)])
+# Earlier turns sit between the fixed rules and the new question, so the answer can
+# refer back to them; the rules stay first for the prefix cache.
+RAG_PROMPT = ChatPromptTemplate.from_messages(
+    [
+        ("system", SYSTEM_PROMPT),
+        MessagesPlaceholder("chat_history", optional=True),
+        ("human", HUMAN_PROMPT),
+    ]
+)
+
+CONDENSE_SYSTEM_PROMPT = """Rewrite the user's follow-up question as one standalone question \
+that can be understood without the conversation: resolve pronouns and references such as \
+"it" or "that" from the conversation. Keep the question's language and meaning. Do not \
+answer it. Reply with the standalone question only."""
+
+CONDENSE_HUMAN_PROMPT = """<conversation>
+{history}
+</conversation>
+
+Follow-up question: {question}"""
+
+CONDENSE_PROMPT = ChatPromptTemplate.from_messages(
+    [("system", CONDENSE_SYSTEM_PROMPT), ("human", CONDENSE_HUMAN_PROMPT)]
+)
 
 
 # Any closing tag of our delimiters, whatever its case or spacing, is neutralised.
-CLOSING_TAG = re.compile(r"<\s*/\s*(passage|context)", re.IGNORECASE)
+CLOSING_TAG = re.compile(r"<\s*/\s*(passage|context|conversation)", re.IGNORECASE)
 
 
 def format_passage(n: int, document: Document) -> str:
@@ -49,3 +73,15 @@ def format_context(documents: list[Document]) -> str:
     if not documents:
         return "(no passages were found)"
     return "\n\n".join(format_passage(n, d) for n, d in enumerate(documents, start=1))
+
+
+def format_history(messages: list[BaseMessage], max_chars: int = 2000) -> str:
+    """A conversation as plain lines for the condense prompt; long turns are cut."""
+    lines = []
+    for message in messages:
+        who = "User" if message.type == "human" else "Assistant"
+        text = message.text.strip()
+        if len(text) > max_chars:
+            text = text[:max_chars] + " …"
+        lines.append(f"{who}: {text}")
+    return CLOSING_TAG.sub(lambda m: "&lt;" + m.group(0)[1:], "\n".join(lines))

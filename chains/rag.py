@@ -1,28 +1,51 @@
-"""The LCEL chain: question → retrieve → numbered context → prompt → DeepSeek → answer + sources."""
+"""The RAG chain: (history) → standalone question → retrieve → numbered context → prompt →
+DeepSeek → a stream of sources, reasoning, answer tokens and usage."""
 
 from __future__ import annotations
 
-from operator import itemgetter
+import asyncio
+import contextlib
+import random
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 from langchain_core.documents import Document
-from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    convert_to_messages,
+)
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.retrievers import BaseRetriever
-from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableGenerator
+from langchain_core.runnables.utils import AddableDict
 from pydantic import BaseModel, Field, create_model
 
-from chains.prompts import RAG_PROMPT, format_context
+from chains.llm import is_retryable, retry_after
+from chains.prompts import CONDENSE_PROMPT, RAG_PROMPT, format_context, format_history
+from errors import InputError, LLMError, LLMTimeoutError, RagError, record_stream_error
 from loaders.markdown import heading_path
 
 MAX_QUESTION_CHARS = 4000
+MAX_HISTORY_ITEMS = 200
+
+# What a chat history may hold: LangChain messages (the playground sends these),
+# or ("human", "...") pairs.
+ChatHistory = list[HumanMessage | AIMessage | SystemMessage | tuple[str, str]]
 
 
 class RagInput(BaseModel):
-    """What the chain takes."""
+    """What the chain takes: a question, and the conversation so far (optional)."""
 
     question: str = Field(..., min_length=1, max_length=MAX_QUESTION_CHARS)
+    chat_history: ChatHistory = Field(default_factory=list, max_length=MAX_HISTORY_ITEMS)
 
 
 def input_model(max_question_chars: int) -> type[BaseModel]:
@@ -33,6 +56,7 @@ def input_model(max_question_chars: int) -> type[BaseModel]:
         "RagInput",
         __doc__=RagInput.__doc__,
         question=(str, Field(..., min_length=1, max_length=max_question_chars)),
+        chat_history=(ChatHistory, Field(default_factory=list, max_length=MAX_HISTORY_ITEMS)),
     )
 
 
@@ -46,11 +70,52 @@ class Source(BaseModel):
     score: float
 
 
-class RagOutput(BaseModel):
-    """What the chain returns."""
+class Usage(BaseModel):
+    """Token counts that DeepSeek reported; cache counts where it gave them."""
 
-    answer: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_cache_hit_tokens: int | None = None
+    prompt_cache_miss_tokens: int | None = None
+
+
+class StreamError(BaseModel):
+    """Why a stream ended early (sent as the last chunk before the error)."""
+
+    status_code: int
+    message: str
+
+
+class RagOutput(BaseModel):
+    """What the chain returns. Streamed, the keys arrive in this order."""
+
+    question: str | None = Field(None, description="The standalone question, when history was given.")
     sources: list[Source]
+    reasoning: str | None = Field(None, description="The model's reasoning, with thinking on.")
+    answer: str
+    usage: Usage | None = None
+    error: StreamError | None = None
+
+
+@dataclass(frozen=True)
+class AnswerPolicy:
+    """Time limits and retries for DeepSeek's answer."""
+
+    deadline: float = 120.0  # seconds for the whole answer
+    stall_timeout: float = 30.0  # seconds of silence between streamed chunks
+    max_retries: int = 2  # only before the first token
+    retry_backoff: float = 0.5  # first wait; doubles each time
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> AnswerPolicy:
+        """The policy that settings describe."""
+        return cls(
+            deadline=settings.deepseek_deadline,
+            stall_timeout=settings.deepseek_stall_timeout,
+            max_retries=settings.deepseek_max_retries,
+            retry_backoff=settings.deepseek_retry_backoff,
+        )
 
 
 def to_sources(documents: list[Document]) -> list[dict[str, Any]]:
@@ -67,52 +132,335 @@ def to_sources(documents: list[Document]) -> list[dict[str, Any]]:
     ]
 
 
-def offline_answer(inputs: dict[str, Any]) -> str:
+def offline_answer(documents: list[Document]) -> str:
     """The answer when no LLM is configured: say so, then list what was retrieved."""
-    documents: list[Document] = inputs["docs"]
     lines = ["No LLM is configured: set DEEPSEEK_API_KEY to get generated answers."]
     if not documents:
         lines.append("No passages were retrieved for this question.")
     else:
         lines.append("Retrieved passages:")
-    for n, d in enumerate(documents, start=1):
-        where = heading_path(list(d.metadata.get("headers") or []))
-        lines.append(f"[{n}] {d.metadata.get('source', '')}" + (f" — {where}" if where else ""))
+        lines.append(format_sources(to_sources(documents)))
     return "\n".join(lines)
 
 
-def _question(inputs: dict[str, Any]) -> str:
-    question = inputs["question"] if isinstance(inputs, dict) else inputs
-    return str(question).strip()
+def usage_of(message: AIMessageChunk | None) -> dict[str, int] | None:
+    """DeepSeek's usage in OpenAI's names, from LangChain's usage metadata."""
+    meta = message.usage_metadata if message is not None else None
+    if not meta:
+        return None
+    usage = {
+        "prompt_tokens": meta["input_tokens"],
+        "completion_tokens": meta["output_tokens"],
+        "total_tokens": meta["total_tokens"],
+    }
+    hit = (meta.get("input_token_details") or {}).get("cache_read")
+    if hit is not None:
+        # DeepSeek: prompt_tokens = cache hits + cache misses.
+        usage["prompt_cache_hit_tokens"] = hit
+        usage["prompt_cache_miss_tokens"] = meta["input_tokens"] - hit
+    return usage
+
+
+def parse_input(inputs: Any, max_question_chars: int) -> tuple[str, list[BaseMessage]]:
+    """The stripped question and the history as messages; InputError if unusable."""
+    if isinstance(inputs, BaseModel):
+        inputs = dict(inputs)
+    if not isinstance(inputs, dict):
+        inputs = {"question": inputs}
+    question = str(inputs.get("question") or "").strip()
+    if not question:
+        raise InputError("the question is empty")
+    if len(question) > max_question_chars:
+        raise InputError(
+            f"the question is {len(question)} characters long; the limit is {max_question_chars}"
+        )
+    history = inputs.get("chat_history") or []
+    try:
+        messages = convert_to_messages(history)
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        raise InputError(f"chat_history is not a list of messages: {exc}") from exc
+    return question, messages
+
+
+class RagChain:
+    """The steps of one answer; `runnable()` wraps them as a LangChain Runnable."""
+
+    def __init__(
+        self,
+        retriever: BaseRetriever | Runnable,
+        llm: Runnable | None,
+        prompt: ChatPromptTemplate = RAG_PROMPT,
+        max_question_chars: int = MAX_QUESTION_CHARS,
+        policy: AnswerPolicy | None = None,
+        history_messages: int = 8,
+        describe_error: Callable[[BaseException], RagError | None] | None = None,
+    ) -> None:
+        self.describe_error = describe_error
+        self.retriever = retriever
+        self.llm = llm
+        self.prompt = prompt
+        self.max_question_chars = max_question_chars
+        self.policy = policy or AnswerPolicy()
+        self.history_messages = history_messages
+
+    async def _standalone_question(
+        self, question: str, history: list[BaseMessage], config: RunnableConfig
+    ) -> str:
+        if self.llm is None:
+            # No model to rewrite it: search with the last question asked as well.
+            asked = [m.text for m in history if m.type == "human"]
+            return f"{asked[-1]}\n{question}" if asked else question
+        # Rewriting never needs the model's reasoning, whatever the request asked.
+        condense = CONDENSE_PROMPT | self.llm.bind(extra_body={"thinking": {"type": "disabled"}})
+        message = await self._with_deadline(
+            condense.ainvoke({"history": format_history(history), "question": question}, config),
+            self.policy.deadline,
+        )
+        rewritten = StrOutputParser().invoke(message).strip()
+        return rewritten or question
+
+    async def astream(self, inputs: Any, config: RunnableConfig) -> AsyncIterator[dict[str, Any]]:
+        """The answer as chunks: question?, sources, reasoning*, answer+, usage?.
+
+        A failure once chunks were sent ends the stream with an `error` chunk, then raises.
+        """
+        started = False
+        try:
+            async for chunk in self._steps(inputs, config):
+                started = True
+                yield chunk
+        except RagError as exc:
+            record_stream_error(exc)
+            if started:
+                yield AddableDict(error={"status_code": exc.status_code, "message": str(exc)})
+            raise
+
+    async def _steps(self, inputs: Any, config: RunnableConfig) -> AsyncIterator[dict[str, Any]]:
+        question, history = parse_input(inputs, self.max_question_chars)
+        history = history[-self.history_messages :] if self.history_messages else []
+        query = question
+        if history:
+            query = await self._standalone_question(question, history, config)
+            yield AddableDict(question=query)
+        documents = await self.retriever.ainvoke(query, config)
+        yield AddableDict(sources=to_sources(documents))
+        if self.llm is None:
+            yield AddableDict(answer=offline_answer(documents))
+            return
+        messages = self.prompt.format_messages(
+            context=format_context(documents), question=query, chat_history=history
+        )
+        async for chunk in self._answer(messages, config):
+            yield chunk
+
+    async def _answer(
+        self, messages: list[BaseMessage], config: RunnableConfig
+    ) -> AsyncIterator[dict[str, Any]]:
+        assert self.llm is not None
+        loop = asyncio.get_running_loop()
+        deadline_at = loop.time() + self.policy.deadline
+        attempt = 0
+        while True:
+            sent_tokens = False
+            usage: AIMessageChunk | None = None
+            stream = self.llm.astream(messages, config)
+            try:
+                async with contextlib.aclosing(stream):  # type: ignore[type-var]
+                    while True:
+                        chunk = await self._next_chunk(stream, deadline_at)
+                        if chunk is None:
+                            break
+                        reasoning = chunk.additional_kwargs.get("reasoning_content")
+                        if reasoning:
+                            sent_tokens = True
+                            yield AddableDict(reasoning=reasoning)
+                        if chunk.text:
+                            sent_tokens = True
+                            yield AddableDict(answer=chunk.text)
+                        if chunk.usage_metadata:
+                            usage = chunk
+                break
+            except Exception as exc:
+                error = self._describe(exc)
+                if error is None:
+                    raise  # not DeepSeek's doing: a bug, left as it is
+                if sent_tokens or attempt >= self.policy.max_retries or not is_retryable(exc):
+                    raise error from exc
+                wait = self._backoff(attempt, exc)
+                if loop.time() + wait >= deadline_at:
+                    raise error from exc
+                attempt += 1
+                await asyncio.sleep(wait)
+        if not sent_tokens:
+            raise LLMError("DeepSeek returned an empty answer")
+        final_usage = usage_of(usage)
+        if final_usage is not None:
+            yield AddableDict(usage=final_usage)
+
+    async def _next_chunk(self, stream: AsyncIterator[Any], deadline_at: float) -> AIMessageChunk | None:
+        # A read timeout alone never fires: DeepSeek sends keep-alive comments while it is
+        # busy, so both limits are kept here, between the chunks the client parses.
+        left = deadline_at - asyncio.get_running_loop().time()
+        limit = min(self.policy.stall_timeout, left)
+        try:
+            return await asyncio.wait_for(anext(stream), timeout=max(limit, 0.0))  # type: ignore[arg-type]
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            if limit < self.policy.stall_timeout:
+                raise LLMTimeoutError(
+                    f"DeepSeek's answer took longer than {self.policy.deadline:g} s (DEEPSEEK_DEADLINE)"
+                ) from None
+            raise LLMTimeoutError(
+                f"DeepSeek's stream stalled: nothing for {self.policy.stall_timeout:g} s "
+                "(DEEPSEEK_STALL_TIMEOUT)"
+            ) from None
+
+    async def _with_deadline(self, awaitable: Any, seconds: float) -> Any:
+        try:
+            return await asyncio.wait_for(awaitable, timeout=seconds)
+        except TimeoutError:
+            raise LLMTimeoutError(
+                f"DeepSeek did not rewrite the follow-up question within {seconds:g} s"
+            ) from None
+        except Exception as exc:
+            error = self._describe(exc)
+            if error is None:
+                raise
+            raise error from exc
+
+    def _backoff(self, attempt: int, exc: BaseException) -> float:
+        asked = retry_after(exc)
+        if asked is not None:
+            return min(asked, 30.0)
+        base = self.policy.retry_backoff * (2**attempt)
+        return base * (0.5 + random.random() / 2)  # jitter: clients that failed together spread out
+
+    def _describe(self, exc: BaseException) -> RagError | None:
+        if isinstance(exc, RagError):
+            return exc
+        from chains.llm import describe_llm_error
+
+        describe = self.describe_error or describe_llm_error
+        return describe(exc)
+
+    def runnable(self) -> Runnable:
+        """This chain as a Runnable: stream, invoke, batch, sync and async."""
+        return generator_runnable(self.astream, "rag")
+
+
+def generator_runnable(astream: Callable[[Any, RunnableConfig], AsyncIterator[Any]], name: str) -> Runnable:
+    """A Runnable around one async generator function; sync calls run it on a background loop."""
+
+    async def arun(inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
+        async for chunk in astream(await _last(inputs), config):
+            yield chunk
+
+    def run(inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
+        whole = None
+        for piece in inputs:
+            whole = piece if whole is None or not isinstance(whole, AddableDict) else whole + piece
+        yield from iterate_in_background_loop(astream(whole, config))
+
+    return RunnableGenerator(run, arun, name=name)  # type: ignore[arg-type]
+
+
+def format_sources(sources: list[dict[str, Any]]) -> str:
+    """The sources as the lines printed under an answer."""
+    lines = []
+    for s in sources:
+        section = heading_path(s["headers"])
+        lines.append(f"[{s['n']}] {s['source']}" + (f" — {section}" if section else ""))
+    return "\n".join(lines)
+
+
+def build_chat_chain(rag_chain: Runnable) -> Runnable:
+    """The RAG chain for chat UIs: same input, the answer as text with its sources under it.
+
+    This is the shape LangServe's chat playground renders (a string output).
+    """
+
+    async def astream(inputs: Any, config: RunnableConfig) -> AsyncIterator[str]:
+        sources: list[dict[str, Any]] = []
+        async for chunk in rag_chain.astream(inputs, config):
+            sources = chunk.get("sources", sources)
+            if chunk.get("answer"):
+                yield chunk["answer"]
+        if sources:
+            yield "\n\nSources:\n" + format_sources(sources)
+
+    chain = generator_runnable(astream, "chat").with_types(
+        input_type=rag_chain.input_schema,
+        output_type=str,  # type: ignore[arg-type]
+    )
+    return chain.with_config(run_name="chat")
+
+
+async def _last(inputs: AsyncIterator[Any]) -> Any:
+    # LangChain may hand the input over in pieces (from an upstream stream): keep the whole.
+    whole = None
+    async for piece in inputs:
+        whole = piece if whole is None or not isinstance(whole, AddableDict) else whole + piece
+    return whole
+
+
+_background: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
+_background_lock = threading.Lock()
+
+
+def _background_loop() -> asyncio.AbstractEventLoop:
+    # One loop for every synchronous caller in the process: the model's async HTTP client
+    # keeps pooled connections that belong to the loop that opened them.
+    global _background
+    with _background_lock:
+        if _background is None:
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="rag-sync-bridge", daemon=True)
+            thread.start()
+            _background = (loop, thread)
+        return _background[0]
+
+
+def iterate_in_background_loop(stream: AsyncIterator[Any]) -> Iterator[Any]:
+    """Iterate an async generator from synchronous code.
+
+    The answer's limits (deadline, stall) are enforced with asyncio, so synchronous callers
+    run the same code on a background loop rather than a second, blocking implementation.
+    """
+    loop = _background_loop()
+
+    def step() -> Future[Any]:
+        return asyncio.run_coroutine_threadsafe(anext(stream), loop)  # type: ignore[arg-type]
+
+    try:
+        while True:
+            try:
+                yield step().result()
+            except StopAsyncIteration:
+                return
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            asyncio.run_coroutine_threadsafe(aclose(), loop).result()
 
 
 def build_rag_chain(
     retriever: BaseRetriever | Runnable,
-    llm: BaseChatModel | None,
+    llm: Runnable | None,
     prompt: ChatPromptTemplate = RAG_PROMPT,
     max_question_chars: int = MAX_QUESTION_CHARS,
+    policy: AnswerPolicy | None = None,
+    history_messages: int = 8,
+    describe_error: Callable[[BaseException], RagError | None] | None = None,
 ) -> Runnable:
-    """The RAG chain. Input {"question"}, output {"answer", "sources"}.
+    """The RAG chain. Input {"question", "chat_history"?}; output {"sources", "answer", ...}.
 
-    The output is a RunnableParallel, so a stream yields {"sources": [...]} as one chunk
-    and the answer as token chunks {"answer": "..."}.
+    Streamed, it yields {"question"} (only with history), then {"sources": [...]}, then
+    {"reasoning": "..."} chunks (thinking on), {"answer": "..."} chunks and {"usage": {...}}.
+    A failure after the stream began ends it with {"error": {...}} and raises.
     """
-    answer: Runnable
-    if llm is None:
-        answer = RunnableLambda(offline_answer)
-    else:
-        answer = (
-            RunnableParallel(context=lambda x: format_context(x["docs"]), question=itemgetter("question"))
-            | prompt
-            | llm
-            | StrOutputParser()
-        )
-    chain: Runnable = (
-        RunnableLambda(lambda x: {"question": _question(x)})
-        | RunnablePassthrough.assign(docs=itemgetter("question") | retriever)
-        | RunnableParallel(sources=lambda x: to_sources(x["docs"]), answer=answer)
-    )
-    typed = chain.with_types(
+    steps = RagChain(retriever, llm, prompt, max_question_chars, policy, history_messages, describe_error)
+    typed = steps.runnable().with_types(
         input_type=input_model(max_question_chars),
         output_type=RagOutput,  # type: ignore[arg-type]
     )

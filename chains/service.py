@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from langchain_core.runnables import Runnable
 
 from chains.embeddings import PymilvusEmbeddings, load_tokenizer, make_embeddings
-from chains.rag import build_rag_chain
+from chains.rag import AnswerPolicy, build_chat_chain, build_rag_chain
 from chains.retrieval import MilvusRetriever, make_retriever, per_request_settings
 from chains.store import RagStore, make_store
 from errors import StoreError
@@ -33,15 +34,25 @@ class RagService:
     # The same retriever with k, mode and filters settable per request (LangServe config).
     configurable_retriever: Runnable = field(init=False)
     chain: Runnable = field(init=False)
+    # The same chain for chat UIs: the answer as text with the sources under it.
+    chat_chain: Runnable = field(init=False)
 
     def __post_init__(self) -> None:
         self.retriever = make_retriever(
             self.get_store, self.settings.top_k, self.settings.search, self.settings.max_k
         )
         self.configurable_retriever = per_request_settings(self.retriever)
+        from chains.llm import describe_llm_error
+
         self.chain = build_rag_chain(
-            self.configurable_retriever, self.llm, max_question_chars=self.settings.max_question_chars
+            self.configurable_retriever,
+            self.llm,
+            max_question_chars=self.settings.max_question_chars,
+            policy=AnswerPolicy.from_settings(self.settings),
+            history_messages=self.settings.history_messages,
+            describe_error=partial(describe_llm_error, where=self.settings.deepseek_base_url),
         )
+        self.chat_chain = build_chat_chain(self.chain)
 
     def get_store(self) -> RagStore:
         """The open store; opens it (again) if it isn't, raising StoreError if Milvus is down."""
