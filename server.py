@@ -17,6 +17,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from errors import STREAM_ERRORS, LLMError, RagError
+from openai_api import make_openai_router
 from settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
     add_routes(app, service.chain, path="/rag")
     add_routes(app, service.chat_chain, path="/chat", playground_type="chat")
     add_routes(app, service.configurable_retriever, path="/retriever")
+    app.include_router(make_openai_router(service.chain, settings.model_list, settings.deepseek_model))
     return app
 
 
@@ -139,8 +141,11 @@ class StreamErrorMiddleware:
             await self.app(scope, receive, send)
             return
         errors: list[RagError] = []
+        started = False
 
         async def send_with_reason(message: Message) -> None:
+            nonlocal started
+            started = True
             body = message.get("body", b"")
             if errors and message["type"] == "http.response.body" and GENERIC_STREAM_ERROR in body:
                 error = errors[-1]
@@ -151,6 +156,16 @@ class StreamErrorMiddleware:
         token = STREAM_ERRORS.set(errors)
         try:
             await self.app(scope, receive, send_with_reason)
+        except Exception as exc:
+            if not started:
+                raise
+            # LangServe re-raises after its error event; the client has the reason by now,
+            # so end the stream cleanly instead of aborting the connection.
+            if errors:
+                log.warning("stream ended with an error: %s", errors[-1])
+            else:
+                log.exception("stream failed", exc_info=exc)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             STREAM_ERRORS.reset(token)
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import queue
+import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -60,21 +65,166 @@ def model_dimension(model_dir: Path) -> int | None:
     return None
 
 
+# Torch threads for query batches. One short batch gains little from a second thread, and
+# torch's spinning pool oversubscribes the cores when anything else runs: measured, one query
+# took 10.7 ms with 2 threads on a quiet machine but 468 ms beside a CPU-bound process, against
+# 16 ms with 1 thread (and a retrieval over the 224 doc pages 64 ms instead of 114 ms).
+QUERY_THREADS = 1
+# Most queries embedded in one batch: past ~4 short questions the cost per query stops
+# falling, so bigger batches only make the first callers wait for the last.
+QUERY_BATCH = 16
+
+Encode = Callable[[list[str]], Sequence[Sequence[float]]]
+
+_STOP = object()
+
+
+class QueryBatcher:
+    """Embeds concurrent queries together: callers queue texts, one worker thread encodes
+    everything waiting as one batch and hands each caller its own vector.
+
+    A lone caller waits for nobody: the worker takes whatever is queued when it is free
+    (plus up to `max_wait` seconds for more, 0 by default). The worker starts on the first
+    call, is a daemon, and `close()` stops it; a later call starts a new one.
+    """
+
+    def __init__(
+        self,
+        encode: Encode,
+        max_batch: int = QUERY_BATCH,
+        max_wait: float = 0.0,
+        name: str = "query-embedder",
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if max_wait < 0:
+            raise ValueError(f"max_wait must not be negative, got {max_wait}")
+        self.encode = encode
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.name = name
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        # One queue per worker, so a stop marker can only reach the worker it was meant for.
+        self._requests: queue.SimpleQueue[Any] | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker thread is alive."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def submit(self, text: str) -> Future[list[float]]:
+        """Queue one text; the future resolves to its vector or to the encoder's exception."""
+        future: Future[list[float]] = Future()
+        if threading.current_thread() is self._thread:
+            # Called from inside `encode`: queueing would wait on ourselves forever.
+            future.set_running_or_notify_cancel()
+            self._encode_batch([(text, future)])
+            return future
+        with self._lock:
+            if self._requests is None or self._thread is None or not self._thread.is_alive():
+                self._requests = queue.SimpleQueue()
+                self._thread = threading.Thread(
+                    target=self._run, args=(self._requests,), name=self.name, daemon=True
+                )
+                self._thread.start()
+            # Under the lock, so close() cannot slip its stop marker in front of this request.
+            self._requests.put((text, future))
+        return future
+
+    def embed(self, text: str) -> list[float]:
+        """The vector of one text, blocking this thread until its batch is done."""
+        return self.submit(text).result()
+
+    async def aembed(self, text: str) -> list[float]:
+        """The vector of one text, awaited without blocking the event loop."""
+        return await asyncio.wrap_future(self.submit(text))
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop the worker once it has answered everything queued before this call."""
+        with self._lock:
+            thread, requests = self._thread, self._requests
+            self._thread = self._requests = None
+        if thread is None or requests is None:
+            return
+        requests.put(_STOP)
+        if thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _run(self, requests: queue.SimpleQueue[Any]) -> None:
+        while True:
+            first = requests.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            stopping = False
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch:
+                try:
+                    left = deadline - time.monotonic()
+                    item = requests.get(timeout=left) if left > 0 else requests.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)
+            live = [(text, future) for text, future in batch if future.set_running_or_notify_cancel()]
+            if live:
+                self._encode_batch(live)
+            if stopping:
+                return
+
+    def _encode_batch(self, batch: list[tuple[str, Future[list[float]]]]) -> None:
+        try:
+            vectors = self.encode([text for text, _ in batch])
+            if len(vectors) != len(batch):
+                raise EmbeddingError(f"the model returned {len(vectors)} vectors for {len(batch)} texts")
+            results = [[float(x) for x in vector] for vector in vectors]
+        except BaseException as exc:
+            # Every caller of the batch gets the model's own exception; the worker goes on
+            # serving (dying here would strand the requests queued behind this batch).
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        for (_, future), vector in zip(batch, results, strict=True):
+            future.set_result(vector)
+
+
 class PymilvusEmbeddings(Embeddings):
     """LangChain `Embeddings` over a pymilvus-model dense embedding function.
 
     The model loads on first use, so commands that embed nothing never pay for it
-    (loading torch and the weights takes seconds).
+    (loading torch and the weights takes seconds). `function` takes an already loaded
+    embedding function (anything with `encode_queries` and `encode_documents`).
+
+    Queries from concurrent callers are embedded in batches on one worker thread with
+    `query_threads` torch threads (see QueryBatcher); call `close()` to stop that thread.
     """
 
-    def __init__(self, spec: str = MINILM, batch_size: int = 64, num_threads: int | None = None):
+    def __init__(
+        self,
+        spec: str = MINILM,
+        batch_size: int = 64,
+        num_threads: int | None = None,
+        *,
+        function: Any = None,
+        query_threads: int = QUERY_THREADS,
+        query_batch: int = QUERY_BATCH,
+        query_wait: float = 0.0,
+    ):
         self.spec = spec
         self.batch_size = batch_size
         self.num_threads = num_threads
+        self.query_threads = query_threads
         self.model_dir = resolve_model_dir(spec)
-        self._function: Any = None
+        self._function: Any = function
         self._lock = threading.Lock()
         self._dimension = model_dimension(self.model_dir) if self.model_dir else 768
+        self.queries = QueryBatcher(
+            self._encode_queries, max_batch=query_batch, max_wait=query_wait, name="embed-queries"
+        )
 
     @property
     def name(self) -> str:
@@ -133,45 +283,64 @@ class PymilvusEmbeddings(Embeddings):
             raise EmbeddingError(f"cannot load embedding model {self.spec!r}: {exc}") from exc
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        """Embed passages in batches, with all of torch's threads."""
+        """Embed passages in batches, with all of torch's threads.
+
+        Runs on the calling thread; each batch holds the torch lock, so a query batch
+        waits for at most one passage batch.
+        """
         if not texts:
             return []
         function = self.function
-        with _torch_threads(self.num_threads or _default_threads()):
-            vectors = function.encode_documents(list(texts))
+        texts = list(texts)
+        vectors: list[Any] = []
+        for start in range(0, len(texts), self.batch_size):
+            with _torch_threads(self.num_threads):
+                vectors.extend(function.encode_documents(texts[start : start + self.batch_size]))
         return [[float(x) for x in v] for v in vectors]
 
     def embed_query(self, text: str) -> list[float]:
-        """Embed one question, on one thread.
+        """Embed one question, batched with the questions of concurrent callers."""
+        return self.queries.embed(text)
 
-        One short text gains little from a second thread, and the spinning threads of
-        torch's pool slow down everything else in the process (measured: a retrieval
-        over the 224 doc pages takes 64 ms with 1 thread, 114 ms with 2; docs/benchmarks.md).
-        """
+    async def aembed_query(self, text: str) -> list[float]:
+        """Embed one question without blocking the event loop (no executor thread either)."""
+        return await self.queries.aembed(text)
+
+    def close(self) -> None:
+        """Stop the query worker thread (a later query starts it again); the model stays loaded."""
+        self.queries.close()
+
+    def _encode_queries(self, texts: list[str]) -> Sequence[Sequence[float]]:
         function = self.function
-        with _torch_threads(QUERY_THREADS):
-            vectors = function.encode_queries([text])
-        return [float(x) for x in vectors[0]]
+        with _torch_threads(self.query_threads):
+            return function.encode_queries(texts)  # type: ignore[no-any-return]
 
 
-QUERY_THREADS = 1
+# torch's thread count is one setting for the whole process: whoever changes it holds this
+# lock until its batch is encoded, so query and passage batches never flip it under each other.
+_TORCH_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=1)
-def _default_threads() -> int:
+def default_torch_threads() -> int:
+    """torch's own thread count here (passages use it); the first call must precede any change."""
     import torch
 
     return int(torch.get_num_threads())
 
 
 @contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    import torch
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """Hold the torch lock with torch's pool at `count` threads (None: torch's default)."""
+    with _TORCH_LOCK:
+        # A model that never imported torch (a test double) has no pool to size.
+        if "torch" in sys.modules:
+            import torch
 
-    _default_threads()  # remember the default before the first change
-    if torch.get_num_threads() != count:
-        torch.set_num_threads(count)
-    yield
+            wanted = count or default_torch_threads()  # also remembers the default before any change
+            if torch.get_num_threads() != wanted:
+                torch.set_num_threads(wanted)
+        yield
 
 
 def make_embeddings(settings: Settings) -> PymilvusEmbeddings:

@@ -55,6 +55,9 @@ def make_llm(settings: Settings) -> Runnable | None:
         # The answer stream retries on its own, and only before the first token (chains/rag.py).
         max_retries=0,
         stream_usage=True,
+        # Explicit: configured copies are rebuilt from every field, and an explicit
+        # streaming=False (the default, copied) would turn their streams into one chunk.
+        streaming=True,
     )
     models = settings.model_list
     return model.configurable_fields(

@@ -25,7 +25,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableGenerator
-from langchain_core.runnables.utils import AddableDict
+from langchain_core.runnables.utils import AddableDict, ConfigurableFieldSpec, get_unique_config_specs
 from pydantic import BaseModel, Field, create_model
 
 from chains.llm import is_retryable, retry_after
@@ -281,7 +281,7 @@ class RagChain:
                             usage = chunk
                 break
             except Exception as exc:
-                error = self._describe(exc)
+                error = self._describe(exc, mid_answer=sent_tokens)
                 if error is None:
                     raise  # not DeepSeek's doing: a bug, left as it is
                 if sent_tokens or attempt >= self.policy.max_retries or not is_retryable(exc):
@@ -336,9 +336,11 @@ class RagChain:
         base = self.policy.retry_backoff * (2**attempt)
         return base * (0.5 + random.random() / 2)  # jitter: clients that failed together spread out
 
-    def _describe(self, exc: BaseException) -> RagError | None:
+    def _describe(self, exc: BaseException, mid_answer: bool = False) -> RagError | None:
         if isinstance(exc, RagError):
             return exc
+        if mid_answer and is_retryable(exc):
+            return LLMError(f"the connection to DeepSeek broke in the middle of the answer: {exc}")
         from chains.llm import describe_llm_error
 
         describe = self.describe_error or describe_llm_error
@@ -346,10 +348,28 @@ class RagChain:
 
     def runnable(self) -> Runnable:
         """This chain as a Runnable: stream, invoke, batch, sync and async."""
-        return generator_runnable(self.astream, "rag")
+        parts = [self.retriever, self.llm] if self.llm is not None else [self.retriever]
+        specs = get_unique_config_specs(spec for part in parts for spec in part.config_specs)
+        return generator_runnable(self.astream, "rag", specs)
 
 
-def generator_runnable(astream: Callable[[Any, RunnableConfig], AsyncIterator[Any]], name: str) -> Runnable:
+class _GeneratorWithConfig(RunnableGenerator):
+    # A generator hides the runnables it calls; these specs tell LangServe which
+    # per-request settings (k, model, thinking...) it takes and validates.
+    def __init__(self, *args: Any, specs: list[ConfigurableFieldSpec], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._specs = specs
+
+    @property
+    def config_specs(self) -> list[ConfigurableFieldSpec]:
+        return self._specs
+
+
+def generator_runnable(
+    astream: Callable[[Any, RunnableConfig], AsyncIterator[Any]],
+    name: str,
+    config_specs: list[ConfigurableFieldSpec] | None = None,
+) -> Runnable:
     """A Runnable around one async generator function; sync calls run it on a background loop."""
 
     async def arun(inputs: AsyncIterator[Any], config: RunnableConfig) -> AsyncIterator[Any]:
@@ -362,7 +382,7 @@ def generator_runnable(astream: Callable[[Any, RunnableConfig], AsyncIterator[An
             whole = piece if whole is None or not isinstance(whole, AddableDict) else whole + piece
         yield from iterate_in_background_loop(astream(whole, config))
 
-    return RunnableGenerator(run, arun, name=name)  # type: ignore[arg-type]
+    return _GeneratorWithConfig(run, arun, name=name, specs=config_specs or [])  # type: ignore[arg-type]
 
 
 def format_sources(sources: list[dict[str, Any]]) -> str:
@@ -389,7 +409,7 @@ def build_chat_chain(rag_chain: Runnable) -> Runnable:
         if sources:
             yield "\n\nSources:\n" + format_sources(sources)
 
-    chain = generator_runnable(astream, "chat").with_types(
+    chain = generator_runnable(astream, "chat", rag_chain.config_specs).with_types(
         input_type=rag_chain.input_schema,
         output_type=str,  # type: ignore[arg-type]
     )

@@ -91,7 +91,8 @@ class RagService:
         return report
 
     def close(self) -> None:
-        """Close the store's connection."""
+        """Close the store's connection and stop the query-embedding worker."""
+        self.embeddings.close()
         with self._lock:
             if self._store is not None:
                 self._store.close()

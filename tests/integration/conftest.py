@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import uvicorn
 
 from chains.service import RagService, open_service
 from loaders.ingest import ingest
@@ -39,6 +44,7 @@ def with_llm(settings: Settings, server: LLMServer) -> Settings:
             "deepseek_api_key": server.api_key_secret(),
             "deepseek_base_url": server.url,
             "deepseek_max_retries": 0,
+            "deepseek_retry_backoff": 0.0,
         }
     )
 
@@ -48,3 +54,37 @@ def faq_service(settings: Settings, embeddings: Any, llm: Any) -> RagService:
     service = open_service(settings, llm=llm)
     service.embeddings._function = embeddings.function
     return service
+
+
+@asynccontextmanager
+async def asgi_client(
+    settings: Settings, embeddings: Any, llm: Any = "auto"
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app for these settings, started, with an httpx client on its ASGI transport."""
+    from chains.llm import make_llm
+    from server import create_app
+
+    service = faq_service(settings, embeddings, llm=make_llm(settings) if llm == "auto" else llm)
+    app = create_app(service=service)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+@contextmanager
+def serve_in_thread(app: Any) -> Iterator[str]:
+    """A real uvicorn on a free port. The socket listens before the thread starts, so
+    clients connect as soon as this yields (the backlog holds them)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

@@ -4,36 +4,21 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from langserve import RemoteRunnable
 from pydantic import SecretStr
 
 from chains.llm import make_llm
 from server import create_app
 from settings import Settings
-from tests.integration.conftest import QUESTION, SECTION, faq_service, with_llm
+from tests.integration.conftest import QUESTION, SECTION, asgi_client, faq_service, serve_in_thread, with_llm
 from tests.llm_server import LLMServer
 
 pytestmark = pytest.mark.integration
-
-
-@asynccontextmanager
-async def asgi_client(
-    settings: Settings, embeddings: Any, llm: Any = "auto"
-) -> AsyncIterator[httpx.AsyncClient]:
-    service = faq_service(settings, embeddings, llm=make_llm(settings) if llm == "auto" else llm)
-    app = create_app(service=service)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
 
 
 async def test_invoke_answers_with_sources(faq_db: Settings, embeddings: Any, llm_server: LLMServer) -> None:
@@ -121,20 +106,10 @@ async def test_health_is_503_when_milvus_is_unreachable(make_settings: Any, embe
 
 @pytest.fixture
 def live_server(faq_db: Settings, embeddings: Any, llm_server: LLMServer) -> Iterator[str]:
-    """A real uvicorn on a free port. The socket listens before the thread starts, so
-    clients connect as soon as the fixture yields (the backlog holds them)."""
     settings = with_llm(faq_db, llm_server)
     app = create_app(service=faq_service(settings, embeddings, llm=make_llm(settings)))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    with serve_in_thread(app) as url:
+        yield url
 
 
 def test_remote_runnable_over_real_uvicorn(live_server: str, llm_server: LLMServer) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import openai
@@ -58,15 +59,37 @@ class FixedRetriever(BaseRetriever):
 
 
 class RecordingChat(BaseChatModel):
-    """Answers with a fixed text (streamed word by word) and records what it was sent."""
+    """Answers with a fixed text (streamed word by word) and records what it was sent.
+
+    Faults on demand: `failures` are raised by the next calls, one each; `break_after`
+    raises `break_error` after that many streamed words; `stall_after` stops sending after
+    that many words (async streams only); `rewrite` answers the condense prompt.
+    """
 
     answer: str = "Milvus stores inserted data in MinIO or S3 [1]."
+    reasoning: str | None = None
+    usage: dict[str, Any] | None = None
+    rewrite: str = "How do I change where Milvus stores data?"
     calls: list[list[BaseMessage]] = Field(default_factory=list)
+    call_kwargs: list[dict[str, Any]] = Field(default_factory=list)
     error: Any = None
+    failures: list[Any] = Field(default_factory=list)
+    break_after: int | None = None
+    break_error: Any = None
+    stall_after: int | None = None
 
     @property
     def _llm_type(self) -> str:
         return "recording-fake"
+
+    def _record(self, messages: list[BaseMessage], kwargs: dict[str, Any]) -> str:
+        self.calls.append(list(messages))
+        self.call_kwargs.append(kwargs)
+        if self.error is not None:
+            raise self.error
+        if self.failures:
+            raise self.failures.pop(0)
+        return self.rewrite if "standalone question" in str(messages[0].content) else self.answer
 
     def _generate(
         self,
@@ -75,10 +98,22 @@ class RecordingChat(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        self.calls.append(list(messages))
-        if self.error is not None:
-            raise self.error
-        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=self.answer))])
+        text = self._record(messages, kwargs)
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text))])
+
+    def _chunks(self, text: str) -> Iterator[ChatGenerationChunk]:
+        yield ChatGenerationChunk(message=AIMessageChunk(content=""))  # the role chunk
+        if self.reasoning:
+            for piece in re.findall(r"\S+\s*", self.reasoning):
+                yield ChatGenerationChunk(
+                    message=AIMessageChunk(content="", additional_kwargs={"reasoning_content": piece})
+                )
+        for n, piece in enumerate(re.findall(r"\S+\s*", text)):
+            if self.break_after is not None and n == self.break_after:
+                raise self.break_error
+            yield ChatGenerationChunk(message=AIMessageChunk(content=piece))
+        if self.usage is not None:
+            yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=self.usage))  # type: ignore[arg-type]
 
     def _stream(
         self,
@@ -87,8 +122,16 @@ class RecordingChat(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        self.calls.append(list(messages))
-        if self.error is not None:
-            raise self.error
-        for piece in re.findall(r"\S+\s*", self.answer):
-            yield ChatGenerationChunk(message=AIMessageChunk(content=piece))
+        yield from self._chunks(self._record(messages, kwargs))
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: Any = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        for n, chunk in enumerate(self._chunks(self._record(messages, kwargs)), start=-1):
+            if self.stall_after is not None and n >= self.stall_after:
+                await asyncio.Event().wait()  # silent forever, like a stalled upstream
+            yield chunk

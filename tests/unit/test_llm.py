@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from pydantic import SecretStr
@@ -35,7 +36,8 @@ def test_with_a_key_it_targets_the_configured_endpoint() -> None:
     assert model.api_base == BASE_URL
     assert isinstance(model.api_key, SecretStr)
     assert model.api_key.get_secret_value() == "sk-test"
-    assert model.request_timeout.read == 7
+    timeout = model.request_timeout
+    assert isinstance(timeout, httpx.Timeout) and timeout.read == 7 and timeout.connect == 7
     assert model.max_retries == 0  # retries happen in the answer stream, before the first token
     assert model._default_params["extra_body"] == {"thinking": {"type": "disabled"}}
     assert model.temperature == 0.0
@@ -75,9 +77,25 @@ def chat_completion(content: str) -> dict[str, Any]:
     }
 
 
+def as_sse(completion: dict[str, Any]) -> bytes:
+    """The completion as DeepSeek streams it: one chunk per field, then [DONE]."""
+    message = completion["choices"][0]["message"]
+    deltas = [{"role": "assistant", "content": ""}]
+    if "reasoning_content" in message:
+        deltas.append({"reasoning_content": message["reasoning_content"]})
+    deltas.append({"content": message["content"]})
+    base = {"id": completion["id"], "object": "chat.completion.chunk", "model": completion["model"]}
+    events = [{**base, "choices": [{"index": 0, "delta": d}]} for d in deltas]
+    events.append({**base, "choices": [], "usage": completion["usage"]})
+    return b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events) + b"data: [DONE]\n\n"
+
+
 def _mocked(llm: Any, captured: list[Any], reply: dict[str, Any]) -> None:
     def handler(request: Any) -> Any:
         captured.append(request)
+        if json.loads(request.content).get("stream"):
+            headers = {"content-type": "text/event-stream"}
+            return openai_http.Response(200, headers=headers, content=as_sse(reply))
         return openai_http.Response(200, json=reply)
 
     model = llm.default
@@ -163,11 +181,11 @@ def test_timeout_is_not_reported_as_unreachable() -> None:
 
 def test_rate_limit_and_other_statuses() -> None:
     limited = describe_llm_error(
-        openai.RateLimitError("slow down", response=_response(429), body=None), settings()
+        openai.RateLimitError("slow down", response=_response(429), body=None), BASE_URL
     )
     assert limited is not None and "429" in str(limited)
     server = describe_llm_error(
-        openai.InternalServerError("upstream exploded", response=_response(500), body=None), settings()
+        openai.InternalServerError("upstream exploded", response=_response(500), body=None), BASE_URL
     )
     assert server is not None and "500" in str(server) and "upstream exploded" in str(server)
 
