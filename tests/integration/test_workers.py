@@ -1,0 +1,257 @@
+"""`rag serve --workers N`: real processes sharing one Milvus Lite store, and nothing left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from settings import Settings
+from workers import settings_environment
+
+pytestmark = pytest.mark.integration
+
+RAG = [sys.executable, "-m", "cli"]
+REPO = Path(__file__).resolve().parents[2]
+DOCS = {
+    "zebras.md": "# Savanna\n\n## Zebras\n\nZebras are striped horses that live in herds in Africa.\n",
+    "penguins.md": "# Antarctica\n\n## Penguins\n\nPenguins are flightless birds that swim in icy seas.\n",
+}
+QUERIES = {"Which animal has stripes?": "zebras.md", "Which birds cannot fly?": "penguins.md"}
+STORE_LINE = re.compile(r"store: milvus-lite server \(pid (\d+)\) on http://127\.0\.0\.1:(\d+)")
+WORKER_READY = re.compile(r"\[(\d+)\] Application startup complete")
+RETRIEVAL_LOGGED = re.compile(r"\[(\d+)\] .*\"POST /retriever/invoke HTTP/1\.1\" 200")
+STARTUP_TIMEOUT = 180  # two workers each load PyTorch and the model; CI machines may be small
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped by whoever adopted it, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError):
+        return stat.read_text().rpartition(")")[2].split()[0] != "Z"
+    return True
+
+
+def gone_soon(pid: int, timeout: float = 20) -> bool:
+    """Whether the process ends within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Output:
+    """The lines a process prints, read on a thread so that tests can wait for one."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        assert process.stdout is not None
+        stream = process.stdout
+
+        def read() -> None:
+            for line in stream:
+                self._queue.put(line.rstrip())
+            self._queue.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def wait_for(self, pattern: re.Pattern[str], count: int = 1, timeout: float = 30) -> list[re.Match[str]]:
+        """The first `count` matches of `pattern` in everything printed so far and next."""
+        deadline = time.monotonic() + timeout
+        while True:
+            matches = [m for line in self.lines if (m := pattern.search(line))]
+            if len(matches) >= count:
+                return matches[:count]
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no {count} x {pattern.pattern!r} in time:\n" + "\n".join(self.lines))
+            if line is None:
+                pytest.fail(f"the process ended before {pattern.pattern!r}:\n" + "\n".join(self.lines))
+            self.lines.append(line)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """A clean environment with a Milvus Lite path, no DeepSeek key and no buffering help."""
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("DEEPSEEK_", "MILVUS_", "RAG_"))}
+    keep.pop("PYTHONUNBUFFERED", None)
+    return {**keep, "MILVUS_URI": str(tmp_path / "store.db"), "HF_HUB_OFFLINE": "1"}
+
+
+def retrieve(base: str, query: str) -> str:
+    response = httpx.post(f"{base}/retriever/invoke", json={"input": query}, timeout=60)
+    assert response.status_code == 200, response.text
+    return str(response.json()["output"][0]["metadata"]["source"])
+
+
+def test_workers_share_the_ingested_lite_store_and_stop_it(tmp_path: Path, env: dict[str, str]) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name, text in DOCS.items():
+        (docs / name).write_text(text)
+    ingest = subprocess.run(
+        [*RAG, "ingest", str(docs), "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert ingest.returncode == 0, ingest.stderr
+    assert json.loads(ingest.stdout)["total_chunks"] == 2
+
+    port = free_port()
+    serve = subprocess.Popen(
+        [*RAG, "serve", "--workers", "2", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output = Output(serve)
+    store_pid = 0
+    try:
+        store = output.wait_for(STORE_LINE)[0]
+        store_pid, store_port = int(store[1]), int(store[2])
+        workers = {int(m[1]) for m in output.wait_for(WORKER_READY, count=2, timeout=STARTUP_TIMEOUT)}
+        assert len(workers) == 2 and store_pid not in workers
+
+        base = f"http://127.0.0.1:{port}"
+        health = httpx.get(f"{base}/health", timeout=30)
+        assert health.status_code == 200 and health.json()["chunks"] == 2, health.text
+        assert health.json()["milvus_uri"] == f"http://127.0.0.1:{store_port}"
+
+        # Both workers accept on one socket; which one answers is the kernel's choice, so
+        # send rounds of concurrent requests (each on its own connection) until both have.
+        sent = 0
+        served_by: set[int] = set()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for _ in range(5):
+                queries = list(QUERIES) * 4
+                sources = list(pool.map(lambda q: retrieve(base, q), queries))
+                assert sources == [QUERIES[q] for q in queries]
+                sent += len(queries)
+                served_by = {int(m[1]) for m in output.wait_for(RETRIEVAL_LOGGED, count=sent)}
+                if len(served_by) == 2:
+                    break
+        assert served_by == workers
+
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=60) == 0, "\n".join(output.lines)
+        for pid in (store_pid, *workers):
+            assert not alive(pid), f"process {pid} outlived `rag serve`"
+        assert not port_open(store_port) and not port_open(port)
+        assert not any("Traceback" in line for line in output.lines), "\n".join(output.lines)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+        if store_pid and alive(store_pid):
+            os.kill(store_pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal")
+def test_the_store_dies_with_a_killed_rag_serve(env: dict[str, str]) -> None:
+    serve = subprocess.Popen(
+        [*RAG, "serve", "--workers", "2", "--port", str(free_port())],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output = Output(serve)
+    store_pid = 0
+    try:
+        store_pid = int(output.wait_for(STORE_LINE)[0][1])
+        serve.kill()  # SIGKILL: no cleanup code of ours runs
+        serve.wait()
+        assert gone_soon(store_pid), "the milvus-lite server outlived a killed `rag serve`"
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+        if store_pid and alive(store_pid):
+            os.kill(store_pid, signal.SIGKILL)
+
+
+def test_a_locked_lite_file_is_one_line_error(tmp_path: Path, env: dict[str, str]) -> None:
+    data_dir = Path(env["MILVUS_URI"])
+    data_dir.mkdir()
+    with open(data_dir / "LOCK", "w") as lock:  # Milvus Lite's own lock: as if `rag serve` held it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = subprocess.run(
+            [*RAG, "serve", "--workers", "2", "--port", str(free_port())],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rag: error: the Milvus Lite file"), result.stderr
+    assert "in use by another process" in lines[0]
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_workers_must_be_a_positive_whole_number(env: dict[str, str], value: str) -> None:
+    result = subprocess.run(
+        [*RAG, "serve", "--workers", value], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("rag serve: error: argument --workers: "), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_settings_reach_the_workers_through_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(
+        _env_file=None,
+        MILVUS_URI="./somewhere.db",
+        MILVUS_TOKEN="user:secret",
+        DEEPSEEK_API_KEY="sk-test",
+        RAG_TOP_K=7,
+        DEEPSEEK_TIMEOUT=12.5,
+        RAG_SEARCH="sparse",
+    )
+    env = settings_environment(settings, "http://127.0.0.1:1234")
+    for key in env:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        if value is not None:
+            monkeypatch.setenv(key, value)
+    worker = Settings(_env_file=None)
+    assert worker.milvus_uri == "http://127.0.0.1:1234"
+    expected = settings.model_copy(update={"milvus_uri": "http://127.0.0.1:1234"})
+    assert worker.model_dump() == expected.model_dump()
+    assert worker.deepseek_api_key is not None and worker.deepseek_api_key.get_secret_value() == "sk-test"
