@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from typing import Any
 
 import httpx
@@ -36,6 +38,35 @@ class DeepSeekChat(ChatDeepSeek):
         return params
 
 
+class PerLoopTransport(httpx.AsyncBaseTransport):
+    """One connection pool per event loop.
+
+    Pooled connections belong to the loop that opened them. The server answers on its own
+    loop and synchronous callers on a background one (chains/rag.py), so a single pool
+    would hand one loop's connections to the other.
+    """
+
+    def __init__(self) -> None:
+        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncHTTPTransport] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _pool(self) -> httpx.AsyncHTTPTransport:
+        loop = asyncio.get_running_loop()
+        pool = self._pools.get(loop)
+        if pool is None:
+            pool = self._pools[loop] = httpx.AsyncHTTPTransport()
+        return pool
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._pool().handle_async_request(request)
+
+    async def aclose(self) -> None:
+        pool = self._pools.pop(asyncio.get_running_loop(), None)
+        if pool is not None:
+            await pool.aclose()
+
+
 def make_llm(settings: Settings) -> Runnable | None:
     """The chat model (None without DEEPSEEK_API_KEY), with configurable fields
     `model`, `temperature` and `thinking` for LangServe's per-request config."""
@@ -46,7 +77,7 @@ def make_llm(settings: Settings) -> Runnable | None:
     timeout = httpx.Timeout(settings.deepseek_timeout, connect=min(10.0, settings.deepseek_timeout))
     model = DeepSeekChat(
         http_client=httpx.Client(timeout=timeout),
-        http_async_client=httpx.AsyncClient(timeout=timeout),
+        http_async_client=httpx.AsyncClient(timeout=timeout, transport=PerLoopTransport()),
         model_name=settings.deepseek_model,
         api_base=settings.deepseek_base_url,
         api_key=settings.deepseek_api_key,
