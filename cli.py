@@ -148,6 +148,8 @@ def cmd_ask(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
         print(json.dumps(result), file=out)
         return 0
     if not live:
+        if args.thinking and result.get("reasoning"):
+            print(result["reasoning"] + "\n", file=sys.stderr)
         out.write(result.get("answer", ""))
     out.write("\n")
     if result.get("sources"):

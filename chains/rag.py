@@ -10,7 +10,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from langchain_core.documents import Document
 from langchain_core.messages import (
@@ -18,7 +18,6 @@ from langchain_core.messages import (
     AIMessageChunk,
     BaseMessage,
     HumanMessage,
-    SystemMessage,
     convert_to_messages,
 )
 from langchain_core.output_parsers import StrOutputParser
@@ -26,7 +25,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableGenerator
 from langchain_core.runnables.utils import AddableDict, ConfigurableFieldSpec, get_unique_config_specs
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, BeforeValidator, Field, create_model
 
 from chains.llm import is_retryable, retry_after
 from chains.prompts import CONDENSE_PROMPT, RAG_PROMPT, format_context, format_history
@@ -36,9 +35,28 @@ from loaders.markdown import heading_path
 MAX_QUESTION_CHARS = 4000
 MAX_HISTORY_ITEMS = 200
 
-# What a chat history may hold: LangChain messages (the playground sends these),
-# or ("human", "...") pairs.
-ChatHistory = list[HumanMessage | AIMessage | SystemMessage | tuple[str, str]]
+
+def _to_turn(item: Any) -> Any:
+    """One history item as a message: LangChain messages and their dicts, OpenAI-style
+    {"role", "content"} dicts, or ("human", "...") pairs."""
+    if isinstance(item, BaseMessage):
+        message = item
+    elif isinstance(item, dict | list | tuple):
+        try:
+            (message,) = convert_to_messages([tuple(item) if isinstance(item, list) else item])
+        except (ValueError, TypeError, NotImplementedError, KeyError) as exc:
+            raise ValueError(f"not a chat message: {exc}") from exc
+    else:
+        raise ValueError("a chat message is a {'type'|'role', 'content'} object or a [role, content] pair")
+    if message.type not in ("human", "ai"):
+        raise ValueError(f"only the user's and the assistant's turns, not {message.type!r} messages")
+    return message
+
+
+# The conversation so far: the user's and the assistant's turns (system messages are the
+# service's own, never the client's).
+ChatTurn = Annotated[HumanMessage | AIMessage, BeforeValidator(_to_turn)]
+ChatHistory = list[ChatTurn]
 
 
 class RagInput(BaseModel):
@@ -161,7 +179,9 @@ def usage_of(message: AIMessageChunk | None) -> dict[str, int] | None:
     return usage
 
 
-def parse_input(inputs: Any, max_question_chars: int) -> tuple[str, list[BaseMessage]]:
+def parse_input(
+    inputs: Any, max_question_chars: int, config: RunnableConfig | None = None
+) -> tuple[str, list[BaseMessage]]:
     """The stripped question and the history as messages; InputError if unusable."""
     if isinstance(inputs, BaseModel):
         inputs = dict(inputs)
@@ -172,13 +192,16 @@ def parse_input(inputs: Any, max_question_chars: int) -> tuple[str, list[BaseMes
         raise InputError("the question is empty")
     if len(question) > max_question_chars:
         raise InputError(
-            f"the question is {len(question)} characters long; the limit is {max_question_chars}"
+            f"the question is {len(question)} characters long; the limit is {max_question_chars} "
+            "(RAG_MAX_QUESTION_CHARS)"
         )
-    history = inputs.get("chat_history") or []
     try:
-        messages = convert_to_messages(history)
-    except (ValueError, TypeError, NotImplementedError) as exc:
-        raise InputError(f"chat_history is not a list of messages: {exc}") from exc
+        messages = [_to_turn(item) for item in inputs.get("chat_history") or []]
+    except ValueError as exc:
+        raise InputError(f"chat_history: {exc}") from exc
+    temperature = (config or {}).get("configurable", {}).get("temperature")
+    if temperature is not None and not 0 <= float(temperature) <= 2:
+        raise InputError(f"temperature must be between 0 and 2, not {temperature}")
     return question, messages
 
 
@@ -204,7 +227,7 @@ class RagChain:
         self.history_messages = history_messages
 
     async def _standalone_question(
-        self, question: str, history: list[BaseMessage], config: RunnableConfig
+        self, question: str, history: list[BaseMessage], config: RunnableConfig, deadline_at: float
     ) -> str:
         if self.llm is None:
             # No model to rewrite it: search with the last question asked as well.
@@ -214,7 +237,7 @@ class RagChain:
         condense = CONDENSE_PROMPT | self.llm.bind(extra_body={"thinking": {"type": "disabled"}})
         message = await self._with_deadline(
             condense.ainvoke({"history": format_history(history), "question": question}, config),
-            self.policy.deadline,
+            deadline_at,
         )
         rewritten = StrOutputParser().invoke(message).strip()
         return rewritten or question
@@ -236,11 +259,12 @@ class RagChain:
             raise
 
     async def _steps(self, inputs: Any, config: RunnableConfig) -> AsyncIterator[dict[str, Any]]:
-        question, history = parse_input(inputs, self.max_question_chars)
+        question, history = parse_input(inputs, self.max_question_chars, config)
+        deadline_at = asyncio.get_running_loop().time() + self.policy.deadline
         history = history[-self.history_messages :] if self.history_messages else []
         query = question
         if history:
-            query = await self._standalone_question(question, history, config)
+            query = await self._standalone_question(question, history, config, deadline_at)
             yield AddableDict(question=query)
         documents = await self.retriever.ainvoke(query, config)
         yield AddableDict(sources=to_sources(documents))
@@ -250,15 +274,15 @@ class RagChain:
         messages = self.prompt.format_messages(
             context=format_context(documents), question=query, chat_history=history
         )
-        async for chunk in self._answer(messages, config):
+        async for chunk in self._answer(messages, config, deadline_at):
             yield chunk
 
     async def _answer(
-        self, messages: list[BaseMessage], config: RunnableConfig
+        self, messages: list[BaseMessage], config: RunnableConfig, deadline_at: float
     ) -> AsyncIterator[dict[str, Any]]:
+        """DeepSeek's answer; the deadline counts from the start of the request."""
         assert self.llm is not None
         loop = asyncio.get_running_loop()
-        deadline_at = loop.time() + self.policy.deadline
         attempt = 0
         while True:
             sent_tokens = False
@@ -316,12 +340,14 @@ class RagChain:
                 "(DEEPSEEK_STALL_TIMEOUT)"
             ) from None
 
-    async def _with_deadline(self, awaitable: Any, seconds: float) -> Any:
+    async def _with_deadline(self, awaitable: Any, deadline_at: float) -> Any:
+        left = deadline_at - asyncio.get_running_loop().time()
         try:
-            return await asyncio.wait_for(awaitable, timeout=seconds)
+            return await asyncio.wait_for(awaitable, timeout=max(left, 0.0))
         except TimeoutError:
             raise LLMTimeoutError(
-                f"DeepSeek did not rewrite the follow-up question within {seconds:g} s"
+                f"DeepSeek did not rewrite the follow-up question within the answer's "
+                f"{self.policy.deadline:g} s (DEEPSEEK_DEADLINE)"
             ) from None
         except Exception as exc:
             error = self._describe(exc)

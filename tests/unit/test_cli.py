@@ -258,3 +258,27 @@ def test_search_empty_query_closes_the_service(
     assert code == 2
     assert one_line(capsys.readouterr().err) == "rag: error: the question is empty"
     assert search_service.closed == 1
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-stream"]])
+def test_ask_thinking_goes_to_stderr_and_usage_on_request(
+    service: dict[str, Any], capsys: pytest.CaptureFixture[str], extra: list[str]
+) -> None:
+    service["llm"] = RecordingChat(
+        reasoning="Passage one says so.",
+        usage={"input_tokens": 50, "output_tokens": 5, "total_tokens": 55},
+    )
+    code, out = run(["ask", "Where is data stored?", "--thinking", "--usage", *extra])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert out.startswith(service["llm"].answer)  # the reasoning never reaches stdout
+    assert "Passage one says so." in err and "Passage one" not in out
+    assert '"prompt_tokens": 50' in err
+    assert "[1] faq/product_faq.md" in out
+
+
+def test_ask_unknown_model_is_a_usage_error(no_service: None, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _ = run(["ask", "q?", "--model", "gpt-4o"])
+    assert code == 2
+    line = one_line(capsys.readouterr().err)
+    assert "unknown model 'gpt-4o'" in line and "deepseek-v4-flash" in line
