@@ -213,13 +213,19 @@ class PymilvusEmbeddings(Embeddings):
         query_threads: int = QUERY_THREADS,
         query_batch: int = QUERY_BATCH,
         query_wait: float = 0.0,
+        onnx_cache_dir: Path | None = None,
     ):
         self.spec = spec
+        # Where the ONNX export of the model for questions is kept; None: questions on torch.
+        self.onnx_cache_dir = onnx_cache_dir
+        self._onnx: Any = None
+        self._onnx_tried = False
         self.batch_size = batch_size
         self.num_threads = num_threads
         self.query_threads = query_threads
         self.model_dir = resolve_model_dir(spec)
         self._function: Any = function
+        self._injected = function is not None
         self._lock = threading.Lock()
         self._dimension = model_dimension(self.model_dir) if self.model_dir else 768
         self.queries = QueryBatcher(
@@ -310,10 +316,41 @@ class PymilvusEmbeddings(Embeddings):
         """Stop the query worker thread (a later query starts it again); the model stays loaded."""
         self.queries.close()
 
+    @property
+    def query_backend(self) -> str:
+        """What embeds questions: "onnx" or "torch" (known after the first question)."""
+        return "onnx" if self._onnx is not None else "torch"
+
     def _encode_queries(self, texts: list[str]) -> Sequence[Sequence[float]]:
+        # Runs on the query worker thread only, so the ONNX encoder is set up once, here.
+        if not self._onnx_tried:
+            self._onnx_tried = True
+            self._onnx = self._load_onnx()
+        if self._onnx is not None:
+            return self._onnx.encode_queries(texts)  # type: ignore[no-any-return]
+        return self._torch_queries(texts)
+
+    def _torch_queries(self, texts: list[str]) -> Sequence[Sequence[float]]:
         function = self.function
         with _torch_threads(self.query_threads):
             return function.encode_queries(texts)  # type: ignore[no-any-return]
+
+    def _load_onnx(self) -> Any:
+        if self.onnx_cache_dir is None or self.model_dir is None or self._function_is_injected:
+            return None
+        from chains.onnx_queries import load_or_export
+
+        return load_or_export(
+            self.model_dir,
+            self.onnx_cache_dir,
+            transformer=lambda: self.function.model[0].auto_model,
+            reference=self._torch_queries,
+        )
+
+    @property
+    def _function_is_injected(self) -> bool:
+        # A function given to the constructor (tests, custom models) is used as it is.
+        return self._injected
 
 
 # torch's thread count is one setting for the whole process: whoever changes it holds this
@@ -345,7 +382,12 @@ def _torch_threads(count: int | None) -> Iterator[None]:
 
 def make_embeddings(settings: Settings) -> PymilvusEmbeddings:
     """The embedding model that settings name (not loaded until first used)."""
-    return PymilvusEmbeddings(settings.embedding, batch_size=settings.embedding_batch_size)
+    onnx = settings.query_encoder == "onnx"
+    return PymilvusEmbeddings(
+        settings.embedding,
+        batch_size=settings.embedding_batch_size,
+        onnx_cache_dir=Path(settings.cache_dir).expanduser() if onnx else None,
+    )
 
 
 def load_tokenizer(model_dir: Path | None) -> Any:

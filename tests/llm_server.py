@@ -176,6 +176,9 @@ class LLMServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Each SSE event is a small write: with Nagle's algorithm on, the second one waits
+            # for the client's delayed ACK (~40 ms), which no real API server makes clients pay.
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:  # quiet
                 return

@@ -1,0 +1,87 @@
+"""Questions through the ONNX export of the packaged model: same vectors as torch, cached."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from chains.embeddings import PymilvusEmbeddings, packaged_minilm_path
+from chains.onnx_queries import cache_path, load_or_export, supported
+
+pytestmark = pytest.mark.integration
+
+QUESTIONS = [
+    "How is data stored in milvus?",
+    "Can I run Milvus on Windows?",
+    "what happens when the etcd pod is pending " * 40,  # longer than the model's 256 tokens
+]
+
+
+def transformer_of(embeddings: Any) -> Any:
+    return embeddings.function.model[0].auto_model
+
+
+def test_export_matches_torch_and_is_reused(tmp_path: Path, embeddings: Any) -> None:
+    model_dir = packaged_minilm_path()
+    encoder = load_or_export(
+        model_dir, tmp_path, lambda: transformer_of(embeddings), embeddings.function.encode_queries
+    )
+    assert encoder is not None
+    assert cache_path(model_dir, tmp_path).is_file()
+    ours = np.asarray(encoder.encode_queries(QUESTIONS))
+    theirs = np.asarray(embeddings.function.encode_queries(QUESTIONS))
+    assert ours.shape == (3, 384)
+    assert (ours * theirs).sum(axis=1).min() > 0.9999
+
+    def no_export() -> Any:
+        raise AssertionError("exported again instead of reading the cache")
+
+    again = load_or_export(model_dir, tmp_path, no_export, embeddings.function.encode_queries)
+    assert again is not None
+    assert np.allclose(again.encode_queries(QUESTIONS[:1]), ours[:1], atol=1e-6)
+
+
+def test_an_export_that_disagrees_is_thrown_away(tmp_path: Path, embeddings: Any) -> None:
+    def wrong(texts: list[str]) -> Any:
+        return np.ones((len(texts), 384))
+
+    model_dir = packaged_minilm_path()
+    assert load_or_export(model_dir, tmp_path, lambda: transformer_of(embeddings), wrong) is None
+    assert not cache_path(model_dir, tmp_path).exists()
+
+
+def test_models_pooled_otherwise_stay_on_torch(tmp_path: Path) -> None:
+    copy = tmp_path / "cls-model"
+    shutil.copytree(packaged_minilm_path(), copy, ignore=shutil.ignore_patterns("*.safetensors"))
+    pooling = copy / "1_Pooling" / "config.json"
+    config = json.loads(pooling.read_text())
+    config.update(pooling_mode_mean_tokens=False, pooling_mode_cls_token=True)
+    pooling.write_text(json.dumps(config))
+    assert supported(packaged_minilm_path())
+    assert not supported(copy)
+
+
+def test_embeddings_use_onnx_for_questions_and_skip_torch_when_cached(
+    tmp_path: Path, embeddings: Any
+) -> None:
+    first = PymilvusEmbeddings("minilm", onnx_cache_dir=tmp_path)
+    first._function = embeddings.function  # the session's loaded torch model, for the export
+    try:
+        vector = first.embed_query(QUESTIONS[0])
+        assert first.query_backend == "onnx"
+    finally:
+        first.close()
+    cached = PymilvusEmbeddings("minilm", onnx_cache_dir=tmp_path)
+    try:
+        again = cached.embed_query(QUESTIONS[0])
+        assert cached.query_backend == "onnx"
+        assert not cached.loaded  # questions alone never load torch once the export exists
+    finally:
+        cached.close()
+    assert np.dot(vector, again) > 0.9999
+    assert np.dot(vector, embeddings.embed_query(QUESTIONS[0])) > 0.9999
