@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -14,7 +12,6 @@ from typing import Any, cast
 import httpx
 import openai
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from pydantic import SecretStr
 
@@ -22,7 +19,7 @@ from chains.llm import make_llm
 from openai_api import make_openai_router
 from server import create_app
 from settings import Settings
-from tests.integration.conftest import QUESTION, SECTION, faq_service, with_llm
+from tests.integration.conftest import QUESTION, SECTION, faq_service, serve_in_thread, with_llm
 from tests.llm_server import LLMServer
 
 pytestmark = pytest.mark.integration
@@ -197,17 +194,8 @@ async def test_api_keys_guard_the_openai_routes(faq_db: Settings, embeddings: An
 def live_server(faq_db: Settings, embeddings: Any, llm_server: LLMServer) -> Iterator[str]:
     """A real uvicorn on a free port: ASGITransport buffers whole responses, so only a real
     server shows a client leaving mid-stream."""
-    app = build_app(with_llm(faq_db, llm_server), embeddings)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    with serve_in_thread(build_app(with_llm(faq_db, llm_server), embeddings)) as url:
+        yield url
 
 
 async def test_a_client_leaving_mid_stream_cancels_the_llm_request(
