@@ -236,10 +236,7 @@ async def stream_over_http(client: Any, base: str, question: str) -> Answer:
                     answer.error = answer.error or "the stream ended without an `end` event"
     except Exception as exc:
         answer.error = f"{type(exc).__name__}: {exc}"
-    answer.ended = time.perf_counter()
-    if answer.error is None and not answer.tokens:
-        answer.error = "no answer tokens"
-    return answer
+    return finished(answer)
 
 
 async def stream_in_process(chain: Any, question: str) -> Answer:
@@ -250,6 +247,11 @@ async def stream_in_process(chain: Any, question: str) -> Answer:
             note_chunk(answer, chunk)
     except Exception as exc:
         answer.error = f"{type(exc).__name__}: {exc}"
+    return finished(answer)
+
+
+def finished(answer: Answer) -> Answer:
+    """Stamp the end; an answer without a single token counts as an error."""
     answer.ended = time.perf_counter()
     if answer.error is None and not answer.tokens:
         answer.error = "no answer tokens"

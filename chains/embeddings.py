@@ -336,7 +336,8 @@ class PymilvusEmbeddings(Embeddings):
             return function.encode_queries(texts)  # type: ignore[no-any-return]
 
     def _load_onnx(self) -> Any:
-        if self.onnx_cache_dir is None or self.model_dir is None or self._function_is_injected:
+        # A function given to the constructor (tests, custom models) is used as it is.
+        if self.onnx_cache_dir is None or self.model_dir is None or self._injected:
             return None
         from chains.onnx_queries import load_or_export
 
@@ -346,11 +347,6 @@ class PymilvusEmbeddings(Embeddings):
             transformer=lambda: self.function.model[0].auto_model,
             reference=self._torch_queries,
         )
-
-    @property
-    def _function_is_injected(self) -> bool:
-        # A function given to the constructor (tests, custom models) is used as it is.
-        return self._injected
 
 
 # torch's thread count is one setting for the whole process: whoever changes it holds this

@@ -225,18 +225,20 @@ class RagChain:
         self.max_question_chars = max_question_chars
         self.policy = policy or AnswerPolicy()
         self.history_messages = history_messages
+        # Rewriting never needs the model's reasoning, whatever the request asked.
+        self.condense = (
+            CONDENSE_PROMPT | llm.bind(extra_body={"thinking": {"type": "disabled"}}) if llm else None
+        )
 
     async def _standalone_question(
         self, question: str, history: list[BaseMessage], config: RunnableConfig, deadline_at: float
     ) -> str:
-        if self.llm is None:
+        if self.condense is None:
             # No model to rewrite it: search with the last question asked as well.
             asked = [m.text for m in history if m.type == "human"]
             return f"{asked[-1]}\n{question}" if asked else question
-        # Rewriting never needs the model's reasoning, whatever the request asked.
-        condense = CONDENSE_PROMPT | self.llm.bind(extra_body={"thinking": {"type": "disabled"}})
         message = await self._with_deadline(
-            condense.ainvoke({"history": format_history(history), "question": question}, config),
+            self.condense.ainvoke({"history": format_history(history), "question": question}, config),
             deadline_at,
         )
         rewritten = StrOutputParser().invoke(message).strip()
@@ -405,7 +407,7 @@ def generator_runnable(
     def run(inputs: Iterator[Any], config: RunnableConfig) -> Iterator[Any]:
         whole = None
         for piece in inputs:
-            whole = piece if whole is None or not isinstance(whole, AddableDict) else whole + piece
+            whole = _merge(whole, piece)
         yield from iterate_in_background_loop(astream(whole, config))
 
     return _GeneratorWithConfig(run, arun, name=name, specs=config_specs or [])  # type: ignore[arg-type]
@@ -442,11 +444,15 @@ def build_chat_chain(rag_chain: Runnable) -> Runnable:
     return chain.with_config(run_name="chat")
 
 
-async def _last(inputs: AsyncIterator[Any]) -> Any:
+def _merge(whole: Any, piece: Any) -> Any:
     # LangChain may hand the input over in pieces (from an upstream stream): keep the whole.
+    return piece if whole is None or not isinstance(whole, AddableDict) else whole + piece
+
+
+async def _last(inputs: AsyncIterator[Any]) -> Any:
     whole = None
     async for piece in inputs:
-        whole = piece if whole is None or not isinstance(whole, AddableDict) else whole + piece
+        whole = _merge(whole, piece)
     return whole
 
 

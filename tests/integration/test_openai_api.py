@@ -16,7 +16,6 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from chains.llm import make_llm
-from openai_api import make_openai_router
 from server import create_app
 from settings import Settings
 from tests.integration.conftest import QUESTION, SECTION, faq_service, serve_in_thread, with_llm
@@ -28,13 +27,9 @@ CHAT_PATH = "/v1/chat/completions"
 
 
 def build_app(settings: Settings, embeddings: Any, llm: Any = "auto") -> FastAPI:
-    """server.create_app over the FAQ store, with the OpenAI routes (added here if server.py
-    does not mount them yet)."""
+    """server.create_app over the FAQ store (it mounts the OpenAI routes)."""
     service = faq_service(settings, embeddings, llm=make_llm(settings) if llm == "auto" else llm)
-    app = create_app(service=service)
-    if not any(getattr(route, "path", None) == CHAT_PATH for route in app.routes):
-        app.include_router(make_openai_router(service.chain, settings.model_list, settings.deepseek_model))
-    return app
+    return create_app(service=service)
 
 
 @asynccontextmanager

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from settings import Settings
-from workers import settings_environment
+from workers import free_port, settings_environment
 
 pytestmark = pytest.mark.integration
 
@@ -36,12 +36,6 @@ STORE_LINE = re.compile(r"store: milvus-lite server \(pid (\d+)\) on http://127\
 WORKER_READY = re.compile(r"\[(\d+)\] Application startup complete")
 RETRIEVAL_LOGGED = re.compile(r"\[(\d+)\] .*\"POST /retriever/invoke HTTP/1\.1\" 200")
 STARTUP_TIMEOUT = 180  # two workers each load PyTorch and the model; CI machines may be small
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def alive(pid: int) -> bool:
@@ -117,6 +111,19 @@ def retrieve(base: str, query: str) -> str:
     return str(response.json()["output"][0]["metadata"]["source"])
 
 
+def serve_two_workers(env: dict[str, str], port: int) -> tuple[subprocess.Popen[str], Output]:
+    """`rag serve --workers 2` as a real process, its output read in the background."""
+    serve = subprocess.Popen(
+        [*RAG, "serve", "--workers", "2", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    return serve, Output(serve)
+
+
 def test_workers_share_the_ingested_lite_store_and_stop_it(tmp_path: Path, env: dict[str, str]) -> None:
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -129,15 +136,7 @@ def test_workers_share_the_ingested_lite_store_and_stop_it(tmp_path: Path, env: 
     assert json.loads(ingest.stdout)["total_chunks"] == 2
 
     port = free_port()
-    serve = subprocess.Popen(
-        [*RAG, "serve", "--workers", "2", "--port", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    output = Output(serve)
+    serve, output = serve_two_workers(env, port)
     store_pid = 0
     try:
         store = output.wait_for(STORE_LINE)[0]
@@ -181,15 +180,7 @@ def test_workers_share_the_ingested_lite_store_and_stop_it(tmp_path: Path, env: 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal")
 def test_the_store_dies_with_a_killed_rag_serve(env: dict[str, str]) -> None:
-    serve = subprocess.Popen(
-        [*RAG, "serve", "--workers", "2", "--port", str(free_port())],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    output = Output(serve)
+    serve, output = serve_two_workers(env, free_port())
     store_pid = 0
     try:
         store_pid = int(output.wait_for(STORE_LINE)[0][1])
