@@ -289,6 +289,8 @@ def test_reset_clears_the_observations(server: LLMServer, client: openai.OpenAI)
     server.behaviour.keepalive_after = None
     stream_chunks(client)
     assert server.sent and server.requests and server.disconnects == 1 and server.max_streams_open == 1
+    # The client has [DONE] before the server's handler has closed its side.
+    assert server.wait_streams_closed(5)
 
     server.reset()
 
