@@ -71,7 +71,7 @@ def compare_indexes(store: object, queries: list[list[float]], path: Path) -> li
         schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=64)
         schema.add_field("v", DataType.FLOAT_VECTOR, dim=len(rows[0]["v"]))
         index_params = client.prepare_index_params()
-        index_params.add_index("v", index_type=index, metric_type="COSINE", params=params)
+        index_params.add_index("v", index_type=index, metric_type="IP", params=params)
         client.create_collection(name, schema=schema, index_params=index_params, consistency_level="Strong")
         started = time.perf_counter()
         for i in range(0, len(rows), 1000):
@@ -86,7 +86,7 @@ def compare_indexes(store: object, queries: list[list[float]], path: Path) -> li
                 data=[q],
                 anns_field="v",
                 limit=10,
-                search_params={"metric_type": "COSINE", "params": search},
+                search_params={"metric_type": "IP", "params": search},
             )[0]
             timings.append((time.perf_counter() - t) * 1000)
             found.append([h["pk"] for h in hits])

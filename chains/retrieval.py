@@ -14,14 +14,11 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import ConfigurableField, Runnable
 from pydantic import ConfigDict, Field
-from pymilvus import AnnSearchRequest, WeightedRanker
 
 from chains.store import (
     DENSE_FIELD,
-    HEAD_FIELD,
     OUTPUT_FIELDS,
     PRIMARY_FIELD,
-    RANK_FIELDS,
     SPARSE_FIELD,
     SPARSE_SEARCH,
     TEXT_FIELD,
@@ -32,9 +29,8 @@ from chains.store import (
 from errors import InputError, StoreError
 from settings import SearchMode
 
-# Each list (chunk vectors, heading vectors, BM25) contributes this many candidates.
+# Each list (dense, BM25) contributes this many candidates.
 CANDIDATES = 20
-HEAD_WEIGHT = 0.5
 BM25_WEIGHT = 0.05
 
 
@@ -113,8 +109,7 @@ class MilvusRetriever(BaseRetriever):
             ranked = self._rank(store, query, fetch, mode, filter_expr)
             if glob:
                 ranked = [h for h in ranked if fnmatch.fnmatch(h["entity"]["source"], glob)]
-            top = collapse_sections(ranked)[:k]
-            return self._fetch(store, top)
+            return [to_document(hit) for hit in collapse_sections(ranked)[:k]]
         except InputError:
             raise
         except Exception as exc:
@@ -127,7 +122,7 @@ class MilvusRetriever(BaseRetriever):
     def _rank(
         self, store: RagStore, query: str, k: int, mode: SearchMode, filter_expr: str
     ) -> list[dict[str, Any]]:
-        """Hits best first, each {"pk", "distance" (our score), "entity": {source, headers}}."""
+        """Hits best first, each {"pk", "distance" (our score), "entity": the stored fields}."""
         client, name = store.client, store.collection
         # Candidates per list: enough to fill k distinct sections after collapsing.
         limit = min(max(k * 4, CANDIDATES), 16384)
@@ -139,7 +134,7 @@ class MilvusRetriever(BaseRetriever):
                 anns_field=field,
                 limit=limit,
                 filter=filter_expr,
-                output_fields=RANK_FIELDS,
+                output_fields=OUTPUT_FIELDS,
                 search_params=params,
             )[0]
             return [
@@ -149,45 +144,17 @@ class MilvusRetriever(BaseRetriever):
 
         if mode == "sparse":  # (Milvus Lite reports BM25 scores negated: abs() above)
             return search(query, SPARSE_FIELD, SPARSE_SEARCH)
-        # BM25 runs while the query is embedded (torch releases the GIL).
+        # BM25 runs while the query is embedded (the encoder releases the GIL).
         lexical = (
             _search_pool().submit(search, query, SPARSE_FIELD, SPARSE_SEARCH) if mode == "hybrid" else None
         )
-        vector = store.embeddings.embed_query(query)
-        # Chunk and heading vectors in one Milvus call: cos(chunk) + 0.5·cos(heading), raw
-        # scores (norm_score=False); half the cost of two searches in Milvus Lite.
-        params = dense_search_params(store.dense_index_type)
-        requests = [
-            AnnSearchRequest(
-                data=[vector], anns_field=field, param=params, limit=limit, expr=filter_expr or None
-            )
-            for field in (DENSE_FIELD, HEAD_FIELD)
-        ]
-        dense = [
-            {"pk": h[PRIMARY_FIELD], "distance": float(h["distance"]), "entity": h["entity"]}
-            for h in client.hybrid_search(
-                name,
-                reqs=requests,
-                ranker=WeightedRanker(1.0, HEAD_WEIGHT, norm_score=False),
-                limit=limit,
-                output_fields=RANK_FIELDS,
-            )[0]
-        ]
+        # One search scores cos(chunk) + 0.5·cos(heading): see chains.store.DENSE_FIELD.
+        dense = search(
+            store.embeddings.embed_query(query), DENSE_FIELD, dense_search_params(store.dense_index_type)
+        )
         if lexical is None:
             return dense
         return fuse([(1.0, dense), (BM25_WEIGHT, scale(lexical.result()))])
-
-    def _fetch(self, store: RagStore, hits: list[dict[str, Any]]) -> list[Document]:
-        """The ranked hits as Documents, with their text fetched in one call."""
-        if not hits:
-            return []
-        rows = store.client.get(store.collection, ids=[h["pk"] for h in hits], output_fields=OUTPUT_FIELDS)
-        by_id = {row[PRIMARY_FIELD]: row for row in rows}
-        return [
-            to_document({"pk": h["pk"], "distance": h["distance"], "entity": by_id[h["pk"]]})
-            for h in hits
-            if h["pk"] in by_id
-        ]
 
 
 @lru_cache(maxsize=1)

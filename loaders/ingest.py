@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from langchain_core.documents import Document
 from tqdm import tqdm
 
-from chains.store import PRIMARY_FIELD, RagStore, escape
+from chains.store import PRIMARY_FIELD, RagStore, dense_vector, escape
 from loaders.markdown import Chunker, chunk_id, heading_text
 from loaders.sources import DEFAULT_MAX_BYTES, DocumentSourceLoader, Skipped
 
@@ -94,7 +94,7 @@ class _Writer:
             by_heading = dict(zip(distinct, embed(distinct), strict=True))
             self.store.vectorstore.add_embeddings(
                 texts,
-                [[v, by_heading[h]] for v, h in zip(vectors, headings, strict=True)],  # row-wise
+                [dense_vector(v, by_heading[h]) for v, h in zip(vectors, headings, strict=True)],
                 [d.metadata for _, d in self.pending],
                 ids=ids,
             )

@@ -151,7 +151,7 @@ def test_collection_with_another_dimension_is_refused(
     store: RagStore = make_store(settings, small)
     store.vectorstore.add_embeddings(
         ["hello"],
-        [[vector, vector] for vector in small.embed_documents(["hello"])],  # chunk and heading
+        small.embed_documents(["hello"]),
         [{"source": "a", "root": "r", "headers": [], "chunk_index": 0}],
         ids=["x"],
     )
@@ -160,6 +160,61 @@ def test_collection_with_another_dimension_is_refused(
         make_store(settings, embeddings)
     message = str(info.value)
     assert "8-dimensional" in message and "384-dimensional" in message
+
+
+def test_collection_of_the_two_vector_layout_is_refused(make_settings: Any, milvus_uri: str) -> None:
+    from langchain_core.embeddings import DeterministicFakeEmbedding
+    from langchain_milvus import BM25BuiltInFunction, Milvus
+
+    from chains.store import SPARSE_INDEX, connection_args
+
+    settings = make_settings(MILVUS_URI=milvus_uri)
+    fake = DeterministicFakeEmbedding(size=384)
+    cosine = {"index_type": "FLAT", "metric_type": "COSINE", "params": {}}
+    # The layout of earlier versions: chunk and heading vectors in fields of their own.
+    old = Milvus(
+        embedding_function=[fake, fake],
+        collection_name=settings.collection,
+        connection_args=connection_args(settings),
+        index_params=[cosine, cosine, SPARSE_INDEX],
+        vector_field=["dense", "head", "sparse"],
+        builtin_function=BM25BuiltInFunction(input_field_names="text", output_field_names="sparse"),
+        primary_field="pk",
+        text_field="text",
+        auto_id=False,
+    )
+    vector = fake.embed_query("hello")
+    old.add_embeddings(["hello"], [[vector, vector]], ids=["x"])
+    try:
+        with pytest.raises(StoreError, match="not created by this version.*RAG_COLLECTION"):
+            make_store(settings, PymilvusEmbeddings("minilm"))
+    finally:
+        old.client.drop_collection(settings.collection)
+        old.client.close()
+
+
+def test_dense_score_is_chunk_plus_half_heading_similarity(
+    setup: Any, embeddings: PymilvusEmbeddings
+) -> None:
+    from chains.store import HEAD_WEIGHT
+    from loaders.markdown import heading_text
+
+    _, _, store, chunker, root = setup
+    ingest([str(root)], store, chunker, progress=False)
+    question = "where are the chunks kept?"
+    results = make_retriever(store, 3, "dense").retrieve(question)
+    assert results[0].metadata["source"] == "guide/storage.md"
+    q = embeddings.embed_query(question)
+
+    def dot(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    for doc in results:
+        chunk, heading = embeddings.embed_documents([doc.page_content, heading_text(doc)])
+        expected = dot(q, chunk) + HEAD_WEIGHT * dot(q, heading)
+        assert doc.metadata["score"] == pytest.approx(expected, abs=1e-3)
+    scores = [d.metadata["score"] for d in results]
+    assert scores == sorted(scores, reverse=True)
 
 
 def test_bad_files_are_skipped_and_nothing_stored_is_lost(setup: Any) -> None:

@@ -9,7 +9,6 @@ import pytest
 
 from chains.retrieval import (
     BM25_WEIGHT,
-    HEAD_WEIGHT,
     MilvusRetriever,
     build_filter,
     collapse_sections,
@@ -78,7 +77,7 @@ def test_default_k_out_of_range_is_an_input_error() -> None:
 
 
 class FakeClient:
-    """Answers `search` with fixed hits per vector field, and `get` with their rows."""
+    """Answers `search` with fixed hits per vector field."""
 
     def __init__(self, hits: dict[str, list[dict[str, Any]]] | None = None, error: Exception | None = None):
         self.hits = hits or {}
@@ -97,25 +96,6 @@ class FakeClient:
                 for h in hits
             ]
         ]
-
-    def hybrid_search(self, *args: Any, **kwargs: Any) -> list[list[dict[str, Any]]]:
-        """Milvus fuses the chunk and heading lists; the fake answers with `hits["fused"]`."""
-        self.calls.append(("hybrid_search", args, kwargs))
-        if self.error:
-            raise self.error
-        fields = kwargs["output_fields"]
-        hits = self.hits.get("fused", [])
-        return [
-            [
-                {"pk": h["pk"], "distance": h["distance"], "entity": {f: h["entity"][f] for f in fields}}
-                for h in hits
-            ]
-        ]
-
-    def get(self, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-        self.calls.append(("get", args, kwargs))
-        rows = {h["pk"]: {"pk": h["pk"], **h["entity"]} for hits in self.hits.values() for h in hits}
-        return [rows[i] for i in kwargs["ids"] if i in rows]
 
 
 class FakeEmbeddings:
@@ -177,7 +157,7 @@ def test_sparse_search_uses_the_raw_text_and_filters_sources() -> None:
     # "other/b.md" slipped through the (fake) server filter: the glob check drops it.
     assert [d.metadata["source"] for d in docs] == ["faq/a.md", "faq/c.md"]
     first = docs[0]
-    assert first.page_content == "alpha"  # text fetched for the winners only
+    assert first.page_content == "alpha"  # the text comes with the hit: no second call
     assert first.metadata == {
         "id": "id-faq/a.md-H",
         "source": "faq/a.md",
@@ -188,27 +168,27 @@ def test_sparse_search_uses_the_raw_text_and_filters_sources() -> None:
     }
 
 
-def test_dense_search_embeds_once_and_weighs_chunk_and_heading_vectors() -> None:
-    client = FakeClient(hits={"fused": [hit("a.md", 1.1)]})
+def test_dense_search_embeds_once_and_searches_the_summed_vector_once() -> None:
+    client = FakeClient(hits={"dense": [hit("a.md", 1.1, "alpha")]})
     store = fake_store(client)
     docs = MilvusRetriever(store=store, k=4, search="dense").retrieve(
         "what is a segment?", expr="chunk_index > 0"
     )
-    ((name, _, kwargs),) = [c for c in client.calls if c[0] != "get"]
-    assert name == "hybrid_search"
+    ((name, _, kwargs),) = client.calls  # one call: the text comes with the hits
+    assert name == "search"
     assert store.embeddings.queries == ["what is a segment?"]
-    assert [r.anns_field for r in kwargs["reqs"]] == ["dense", "head"]
-    assert all(r.data == [[0.1, 0.2, 0.3]] and r.expr == "(chunk_index > 0)" for r in kwargs["reqs"])
-    ranker = kwargs["ranker"].dict()
-    assert ranker["strategy"] == "weighted" and ranker["params"]["weights"] == [1.0, HEAD_WEIGHT]
-    assert ranker["params"]["norm_score"] is False  # raw cosines are added
+    assert kwargs["anns_field"] == "dense" and kwargs["data"] == [[0.1, 0.2, 0.3]]
+    assert kwargs["filter"] == "(chunk_index > 0)"
+    assert kwargs["search_params"]["metric_type"] == "IP"  # the summed vector isn't unit length
+    assert "text" in kwargs["output_fields"]
+    assert docs[0].page_content == "alpha"
     assert docs[0].metadata["score"] == pytest.approx(1.1)
 
 
 def test_hybrid_adds_bm25_and_collapses_sections() -> None:
     client = FakeClient(
         hits={
-            "fused": [
+            "dense": [
                 hit("a.md", 1.05, headers=("A", "x")),
                 hit("a.md", 1.04, headers=("A", "x")),
                 hit("b.md", 1.0),
@@ -217,7 +197,7 @@ def test_hybrid_adds_bm25_and_collapses_sections() -> None:
         }
     )
     docs = MilvusRetriever(store=fake_store(client), k=3, search="hybrid").retrieve("segment")
-    assert sorted(c[0] for c in client.calls if c[0] != "get") == ["hybrid_search", "search"]
+    assert sorted(c[2]["anns_field"] for c in client.calls) == ["dense", "sparse"]
     # b.md wins with BM25; a.md's two chunks of one section count once.
     assert [(d.metadata["source"], d.metadata["headers"]) for d in docs] == [
         ("b.md", ["H"]),
@@ -278,7 +258,7 @@ def test_unreachable_server_with_a_filter_is_still_a_store_error() -> None:
 
 
 def test_retriever_is_a_langchain_runnable() -> None:
-    client = FakeClient(hits={"fused": [hit("a.md", 0.5, "runnable text")]})
+    client = FakeClient(hits={"dense": [hit("a.md", 0.5, "runnable text")]})
     docs = MilvusRetriever(store=fake_store(client), k=1, search="dense").invoke("q")
     assert [d.page_content for d in docs] == ["runnable text"]
 
