@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import SecretStr
 
-from chains.llm import DeepSeekChat, describe_llm_error, make_llm, thinking_body
+from chains.llm import (
+    AsyncRawChatCompletions,
+    DeepSeekChat,
+    RawChatCompletions,
+    describe_llm_error,
+    is_retryable,
+    make_llm,
+    retry_after,
+    thinking_body,
+)
 from errors import LLMError, RagError
 from settings import Settings
+from tests.llm_server import Behaviour, LLMServer
 from tests.unit.fakes import openai_http
 
 BASE_URL = "http://deepseek.invalid/v1"
@@ -197,3 +209,266 @@ def test_other_exceptions_are_not_llm_errors() -> None:
 
 def test_llm_error_status_code() -> None:
     assert LLMError("x").status_code == 502
+
+
+# The raw chat completions client (RawChatCompletions), over real HTTP to tests/llm_server.py.
+
+REPLY = "Milvus keeps segments in object storage [1]."
+
+
+def served(server: LLMServer, **values: Any) -> Settings:
+    return Settings(
+        _env_file=None,
+        **{"DEEPSEEK_BASE_URL": server.url, "DEEPSEEK_API_KEY": server.api_key, **values},
+    )
+
+
+def served_llm(server: LLMServer, **values: Any) -> Any:
+    llm = make_llm(served(server, **values))
+    assert llm is not None
+    return llm
+
+
+def test_models_and_configured_copies_use_the_raw_client(llm_server: LLMServer) -> None:
+    llm = served_llm(llm_server)
+    model = llm.default
+    assert isinstance(model.async_client, AsyncRawChatCompletions)
+    assert isinstance(model.client, RawChatCompletions)
+    copy, _ = llm._prepare({"configurable": {"thinking": True}})
+    assert copy is not model and copy.thinking
+    assert isinstance(copy.async_client, AsyncRawChatCompletions)
+    assert copy.root_async_client is model.root_async_client  # one connection pool, still
+
+
+def _no_typed_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """langchain-openai calls model_dump() on a typed chunk: fail if one ever gets there."""
+
+    def model_dump(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a typed ChatCompletionChunk reached langchain-openai")
+
+    monkeypatch.setattr(ChatCompletionChunk, "model_dump", model_dump)
+
+
+async def test_streamed_chunks_skip_the_sdk_models(
+    llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    llm_server.behaviour = Behaviour(reply=REPLY)
+    _no_typed_chunks(monkeypatch)
+    seen: list[type] = []
+    convert = DeepSeekChat._convert_chunk_to_generation_chunk
+
+    def spy(self: Any, chunk: Any, *args: Any) -> Any:
+        seen.append(type(chunk))
+        return convert(self, chunk, *args)
+
+    monkeypatch.setattr(DeepSeekChat, "_convert_chunk_to_generation_chunk", spy)
+    chunks = [c async for c in served_llm(llm_server).astream("hello")]
+
+    assert "".join(c.content for c in chunks) == REPLY
+    assert seen and set(seen) == {dict}
+    usage = [c.usage_metadata for c in chunks if c.usage_metadata]
+    assert usage == [
+        {
+            "input_tokens": 100,
+            "output_tokens": 10,
+            "total_tokens": 110,
+            "input_token_details": {"cache_read": 64},
+            "output_token_details": {},
+        }
+    ]
+
+
+def test_sync_stream_skips_the_sdk_models(llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    llm_server.behaviour = Behaviour(reply=REPLY)
+    _no_typed_chunks(monkeypatch)
+    chunks = list(served_llm(llm_server).stream("hello"))
+    assert "".join(str(c.content) for c in chunks) == REPLY
+
+
+async def test_thinking_reaches_the_body_and_reasoning_streams_apart(
+    llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    llm_server.behaviour = Behaviour(reply=REPLY, reasoning="Passage 1 says so.")
+    _no_typed_chunks(monkeypatch)
+    llm = served_llm(llm_server)
+
+    chunks = [c async for c in llm.with_config(configurable={"thinking": True}).astream("hello")]
+    plain = await llm.ainvoke("hello")
+
+    thinking_body_sent, plain_body = (r["body"] for r in llm_server.requests)
+    assert thinking_body_sent["thinking"] == {"type": "enabled"}
+    assert "temperature" not in thinking_body_sent
+    assert plain_body["thinking"] == {"type": "disabled"} and plain_body["temperature"] == 0.0
+    for body in (thinking_body_sent, plain_body):
+        assert not {"extra_body", "extra_headers", "extra_query", "timeout"} & set(body)
+        assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    reasoning = "".join(c.additional_kwargs.get("reasoning_content", "") for c in chunks)
+    assert reasoning == "Passage 1 says so."
+    assert "".join(str(c.content) for c in chunks) == REPLY
+    assert plain.content == REPLY and "reasoning_content" not in plain.additional_kwargs
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+async def test_non_streamed_answers_keep_usage_and_reasoning(llm_server: LLMServer, thinking: bool) -> None:
+    # stream=False takes langchain-openai's with_raw_response path, which stays on the SDK.
+    llm_server.behaviour = Behaviour(reply=REPLY, reasoning="Passage 1 says so.")
+    llm = served_llm(llm_server).with_config(configurable={"thinking": thinking})
+
+    replies = [await llm.ainvoke("hello", stream=False), llm.invoke("hello", stream=False)]
+
+    assert [r["body"]["stream"] for r in llm_server.requests] == [False, False]
+    reasoning = "Passage 1 says so." if thinking else None
+    for reply in replies:
+        assert reply.content == REPLY
+        assert reply.usage_metadata["input_tokens"] == 100
+        assert reply.usage_metadata["output_tokens"] == 10
+        assert reply.usage_metadata["input_token_details"] == {"cache_read": 64}
+        assert reply.additional_kwargs.get("reasoning_content") == reasoning
+
+
+PARAMS: dict[str, Any] = {
+    "model": "deepseek-v4-flash",
+    "messages": [{"role": "user", "content": "hello"}],
+    "temperature": 0.3,
+    "stop": ["\n\n"],
+    "stream_options": {"include_usage": True},
+    "seed": None,  # sent as null, as the SDK does
+    "top_p": openai.NOT_GIVEN,
+    "user": openai.omit,
+    "extra_body": {"thinking": {"type": "enabled"}, "temperature": 0.5},
+    "extra_headers": {"X-Trace": "abc"},
+    "extra_query": {"beta": "1"},
+    "timeout": 30.0,
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_raw_request_matches_the_sdk_request(llm_server: LLMServer, stream: bool) -> None:
+    root = openai.AsyncOpenAI(base_url=llm_server.url, api_key=llm_server.api_key, max_retries=0)
+    params = {**PARAMS, "stream": stream}
+
+    typed = await root.chat.completions.create(**params)
+    raw = await AsyncRawChatCompletions(root).create(**params)
+
+    if stream:
+        assert isinstance(raw, openai.AsyncStream)
+        typed_chunks = [c.model_dump(exclude_unset=True) async for c in typed]
+        raw_chunks = [c async for c in raw]
+        assert all(type(c) is dict for c in raw_chunks)
+        assert raw_chunks == typed_chunks
+    else:
+        assert type(raw) is dict
+        assert raw == typed.model_dump(exclude_unset=True)
+    sdk_request, raw_request = llm_server.requests
+    assert raw_request["path"] == sdk_request["path"] == "/v1/chat/completions?beta=1"
+    assert raw_request["body"] == sdk_request["body"]
+    assert raw_request["body"]["thinking"] == {"type": "enabled"}
+    assert raw_request["body"]["temperature"] == 0.5  # extra_body wins, as in the SDK
+    assert raw_request["body"]["seed"] is None and "top_p" not in raw_request["body"]
+    assert raw_request["headers"] == sdk_request["headers"]  # auth, extra headers, timeout, ...
+    assert raw_request["headers"]["x-trace"] == "abc"
+    assert raw_request["headers"]["authorization"] == f"Bearer {llm_server.api_key}"
+    assert raw_request["headers"]["x-stainless-read-timeout"] == "30.0"
+    await root.close()
+
+
+def test_sync_raw_request_matches_the_sdk_request(llm_server: LLMServer) -> None:
+    root = openai.OpenAI(base_url=llm_server.url, api_key=llm_server.api_key, max_retries=0)
+    typed = root.chat.completions.create(**PARAMS)
+    raw = RawChatCompletions(root).create(**PARAMS)
+    assert type(raw) is dict and raw == typed.model_dump(exclude_unset=True)
+    stream = RawChatCompletions(root).create(**PARAMS, stream=True)
+    assert isinstance(stream, openai.Stream)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in stream if c["choices"]) == (
+        Behaviour().reply
+    )
+    sdk_request, raw_request, _ = llm_server.requests
+    assert raw_request == sdk_request
+    root.close()
+
+
+def test_other_completions_methods_stay_on_the_sdk(llm_server: LLMServer) -> None:
+    root = openai.OpenAI(base_url=llm_server.url, api_key=llm_server.api_key, max_retries=0)
+    raw = RawChatCompletions(root)
+    response = raw.with_raw_response.create(**PARAMS)
+    assert response.headers["content-type"] == "application/json"
+    assert isinstance(response.parse(), ChatCompletion)
+    assert copy.copy(raw)._root is root  # no delegation loop before __init__ has run
+    root.close()
+
+
+@pytest.mark.parametrize("status", [500, 503])
+async def test_server_errors_keep_their_openai_types(llm_server: LLMServer, status: int) -> None:
+    llm_server.behaviour = Behaviour(fail_times=1, fail_status=status)
+    with pytest.raises(openai.InternalServerError) as caught:
+        [c async for c in served_llm(llm_server).astream("hello")]
+    assert caught.value.status_code == status
+    assert is_retryable(caught.value)
+    assert f"injected {status}" in str(describe_llm_error(caught.value, llm_server.url))
+
+
+async def test_rate_limits_keep_retry_after(llm_server: LLMServer) -> None:
+    llm_server.behaviour = Behaviour(fail_times=2, fail_status=429, retry_after=2.5)
+    llm = served_llm(llm_server)
+    with pytest.raises(openai.RateLimitError) as caught:
+        [c async for c in llm.astream("hello")]
+    assert caught.value.status_code == 429
+    assert retry_after(caught.value) == 2.5
+    with pytest.raises(openai.RateLimitError) as sync_caught:
+        llm.invoke("hello")
+    assert retry_after(sync_caught.value) == 2.5
+
+
+async def test_authentication_errors_keep_their_type(llm_server: LLMServer) -> None:
+    llm = make_llm(Settings(_env_file=None, DEEPSEEK_BASE_URL=llm_server.url, DEEPSEEK_API_KEY="wrong"))
+    with pytest.raises(openai.AuthenticationError):
+        [c async for c in llm.astream("hello")]  # type: ignore[union-attr]
+
+
+async def test_dropped_connections_are_connection_errors(llm_server: LLMServer) -> None:
+    llm_server.behaviour = Behaviour(fail_times=1, fail_mode="disconnect")
+    with pytest.raises(openai.APIConnectionError) as caught:
+        [c async for c in served_llm(llm_server).astream("hello")]
+    assert is_retryable(caught.value)
+
+
+async def test_stalled_streams_time_out(llm_server: LLMServer) -> None:
+    llm_server.behaviour = Behaviour(stall_after=1)
+    with pytest.raises(openai.APITimeoutError):
+        [c async for c in served_llm(llm_server, DEEPSEEK_TIMEOUT=0.3).astream("hello")]
+
+
+async def test_per_call_timeout_reaches_the_request(llm_server: LLMServer) -> None:
+    llm_server.behaviour = Behaviour(stall_after=0)
+    root = openai.AsyncOpenAI(base_url=llm_server.url, api_key=llm_server.api_key, max_retries=0, timeout=60)
+    stream = await AsyncRawChatCompletions(root).create(**{**PARAMS, "timeout": 0.3}, stream=True)
+    with pytest.raises(openai.APITimeoutError):
+        [c async for c in stream]
+    await root.close()
+
+
+async def test_an_error_event_mid_stream_still_raises() -> None:
+    first = {"id": "c", "object": "chat.completion.chunk", "model": "m"}
+    events = [
+        {**first, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Mil"}}]},
+        {"error": {"message": "server overloaded", "type": "server_error"}},
+    ]
+    sse = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events)
+
+    def handler(request: Any) -> Any:
+        return openai_http.Response(200, headers={"content-type": "text/event-stream"}, content=sse)
+
+    model = DeepSeekChat(
+        model_name="deepseek-v4-flash",
+        api_key=SecretStr("sk-test"),
+        api_base=BASE_URL,
+        http_async_client=openai_http.AsyncClient(transport=openai_http.MockTransport(handler)),
+        max_retries=0,
+        streaming=True,
+    )
+    assert isinstance(model.async_client, AsyncRawChatCompletions)
+    received: list[str] = []
+    with pytest.raises(openai.APIError, match="server overloaded"):
+        async for chunk in model.astream("hello"):
+            received.append(str(chunk.content))
+    assert "".join(received) == "Mil"
