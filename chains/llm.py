@@ -192,6 +192,9 @@ def make_llm(settings: Settings) -> Runnable | None:
         timeout=timeout,
         # The answer stream retries on its own, and only before the first token (chains/rag.py).
         max_retries=0,
+        # langchain-openai's per-chunk timeout (120 s, above DEEPSEEK_STALL_TIMEOUT) stays on
+        # although the answer stream has its own: only that wrapper closes the HTTP stream at
+        # once when a client leaves mid-answer (with it off, the upstream request ran on).
         stream_usage=True,
         # Explicit: configured copies are rebuilt from every field, and an explicit
         # streaming=False (the default, copied) would turn their streams into one chunk.

@@ -329,7 +329,9 @@ class RagChain:
         left = deadline_at - asyncio.get_running_loop().time()
         limit = min(self.policy.stall_timeout, left)
         try:
-            return await asyncio.wait_for(anext(stream), timeout=max(limit, 0.0))  # type: ignore[arg-type]
+            # asyncio.timeout, not wait_for: no task per chunk (Python 3.11's wait_for makes one).
+            async with asyncio.timeout(max(limit, 0.0)):
+                return await anext(stream)  # type: ignore[arg-type,no-any-return]
         except StopAsyncIteration:
             return None
         except TimeoutError:

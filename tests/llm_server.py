@@ -82,7 +82,8 @@ def thinking_enabled(body: dict[str, Any]) -> bool:
 class LLMServer:
     """Serve until `close()`; `url` is the OpenAI base URL ("http://127.0.0.1:PORT/v1").
 
-    Observations for tests (all cleared by `reset()`): `requests`; `sent`, a
+    Observations for tests (all cleared by `reset()`): `requests` (path, headers, body and
+    `received`, the `time.perf_counter()` when its headers had been read); `sent`, a
     `(time.perf_counter(), token)` per content token, timed just before its write so it never
     postdates the client's receipt; `disconnected`/`disconnects`, a streaming client that went
     away; `streams_open` and its high-water mark `max_streams_open`.
@@ -202,9 +203,12 @@ class LLMServer:
                     self._json(404, {"error": {"message": "not found"}})
 
             def do_POST(self) -> None:
+                received = time.perf_counter()  # the request line and headers are in
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length) or b"{}")
-                server._record_request({"path": self.path, "headers": dict(self.headers), "body": body})
+                server._record_request(
+                    {"path": self.path, "headers": dict(self.headers), "body": body, "received": received}
+                )
                 if self.headers.get("Authorization") != f"Bearer {server.api_key}":
                     self._json(
                         401, {"error": {"message": "Authentication Fails", "type": "authentication_error"}}
