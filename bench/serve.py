@@ -300,16 +300,18 @@ def summary(answers: list[Answer]) -> dict[str, Any]:
 async def one_client_over_http(
     client: Any, base: str, llm: Any, questions: list[str], count: int
 ) -> dict[str, Any]:
-    """Sequential answers: added latency (end to end minus the upstream's streaming time)
-    and time to first token (client receipt minus the upstream's send of that token)."""
+    """Sequential answers: added latency (end to end minus the upstream's own time, from
+    the arrival of its request to its last token) and time to first token (client receipt
+    minus the upstream's send of that token)."""
     added, ttft, answers = [], [], []
     for i in range(count):
-        before = len(llm.sent)
+        before, requests_before = len(llm.sent), len(llm.requests)
         answer = await stream_over_http(client, base, questions[i % len(questions)])
         answers.append(answer)
         sent = llm.sent[before:]
-        if answer.error is None and sent and answer.first_token_at is not None:
-            upstream = sent[-1][0] - sent[0][0]
+        requests = llm.requests[requests_before:]
+        if answer.error is None and sent and requests and answer.first_token_at is not None:
+            upstream = sent[-1][0] - requests[0]["received"]
             added.append(answer.seconds - upstream)
             ttft.append(answer.first_token_at - sent[0][0])
     return {

@@ -55,6 +55,17 @@ def test_with_a_key_it_targets_the_configured_endpoint() -> None:
     assert model.temperature == 0.0
 
 
+def test_repr_and_trace_serialization_name_the_model_but_no_clients_or_key() -> None:
+    from langchain_core.load import dumpd
+
+    llm = make_llm(settings(DEEPSEEK_API_KEY="sk-test-secret"))
+    model = llm.default  # type: ignore[union-attr]
+    text = repr(model)
+    assert "deepseek-v4-flash" in text and "thinking=False" in text
+    assert "sk-test-secret" not in text and "client" not in text.lower()
+    assert dumpd(model)["repr"] == text  # what tracing records, per configured copy
+
+
 def test_thinking_body_switches_deepseek_thinking() -> None:
     assert thinking_body(True) == {"thinking": {"type": "enabled"}}
     assert thinking_body(False) == {"thinking": {"type": "disabled"}}
