@@ -142,6 +142,59 @@ def close_service(service: Any) -> None:
         close_embeddings()
 
 
+TIMELINE_ENV = "BENCH_TIMELINE"  # where the child writes one line of stage times per answer
+
+
+def stamp_stages(path: Path) -> Callable[[Any], Any]:
+    """Write per /rag/stream answer the perf_counter times of its stages to `path`; returns
+    the wrapper for the app (which must be built after this call, so its chain is timed).
+
+    perf_counter is CLOCK_MONOTONIC on Linux, shared by every process, so the parent can set
+    these beside its own client and upstream times. Wraps public methods only; costs a few
+    microseconds an answer.
+    """
+    from chains.rag import RagChain
+    from chains.retrieval import MilvusRetriever
+
+    current: dict[str, float] = {}
+    retrieve, astream = MilvusRetriever.retrieve, RagChain.astream
+
+    def timed_retrieve(self: Any, *args: Any, **kwargs: Any) -> Any:
+        current["retrieval_start"] = time.perf_counter()
+        try:
+            return retrieve(self, *args, **kwargs)
+        finally:
+            current["retrieval_end"] = time.perf_counter()
+
+    async def timed_astream(self: Any, inputs: Any, config: Any) -> Any:
+        current["chain_start"] = time.perf_counter()
+        async for chunk in astream(self, inputs, config):
+            now = time.perf_counter()
+            if "sources" in chunk:
+                current["sources_sent"] = now
+            elif chunk.get("answer"):
+                current.setdefault("first_answer_sent", now)
+                current["last_answer_sent"] = now
+            yield chunk
+        current["chain_end"] = time.perf_counter()
+        with path.open("a") as log:
+            log.write(json.dumps(current) + "\n")
+
+    MilvusRetriever.retrieve = timed_retrieve  # type: ignore[method-assign]
+    RagChain.astream = timed_astream  # type: ignore[method-assign]
+
+    def wrap(app: Any) -> Any:
+        async def stamped(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and scope["path"] == "/rag/stream":
+                current.clear()
+                current["request_in"] = time.perf_counter()
+            await app(scope, receive, send)
+
+        return stamped
+
+    return wrap
+
+
 def serve_child(db: str, collection: str, llm_url: str) -> None:
     """The child process: the real app under uvicorn on a free loopback port (printed first)."""
     import uvicorn
@@ -149,7 +202,11 @@ def serve_child(db: str, collection: str, llm_url: str) -> None:
     from server import create_app
 
     settings = bench_settings(Path(db), collection, llm_url)
-    app = create_app(settings)
+    timeline = os.environ.get(TIMELINE_ENV)
+    wrap = stamp_stages(Path(timeline)) if timeline else None
+    app: Any = create_app(settings)
+    if wrap is not None:
+        app = wrap(app)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)  # a burst of 100 connections must not overflow the accept queue
@@ -158,11 +215,16 @@ def serve_child(db: str, collection: str, llm_url: str) -> None:
 
 
 @contextmanager
-def child_server(db: Path, collection: str, llm_url: str, log: Path) -> Iterator[tuple[str, int]]:
-    """(base URL, pid) of the app served by a child process, stopped on exit."""
+def child_server(
+    db: Path, collection: str, llm_url: str, log: Path, timeline: Path | None = None
+) -> Iterator[tuple[str, int]]:
+    """(base URL, pid) of the app served by a child process, stopped on exit; with `timeline`,
+    the child writes the stage times of each answer there (see stamp_stages)."""
+    env = {**os.environ, TIMELINE_ENV: str(timeline)} if timeline else None
     with log.open("w") as errors:
         process = subprocess.Popen(
             [sys.executable, __file__, "--child", str(db), collection, llm_url],
+            env=env,
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=errors,
@@ -297,13 +359,41 @@ def summary(answers: list[Answer]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- phases
 
 
+# Stage marks of one answer, in time order: (name, where it is taken).
+TIMELINE = [
+    ("request reaches the app", "request_in"),
+    ("the chain starts", "chain_start"),
+    ("retrieval starts", "retrieval_start"),
+    ("retrieval ends (question embedded, Milvus searched)", "retrieval_end"),
+    ("sources chunk leaves the chain", "sources_sent"),
+    ("upstream has the request", "upstream_received"),
+    ("upstream sends the first token", "upstream_first_sent"),
+    ("first answer chunk leaves the chain", "first_answer_sent"),
+    ("client has the first token", "client_first_token"),
+    ("upstream sends the last token", "upstream_last_sent"),
+    ("last answer chunk leaves the chain", "last_answer_sent"),
+    ("the chain ends (after the usage chunk)", "chain_end"),
+    ("client has the `end` event", "client_end"),
+]
+
+
+def timeline_ms(marks: list[dict[str, float]]) -> dict[str, float]:
+    """Median time of each stage mark after the client sent its request, in ms."""
+    return {
+        key: ms(statistics.median(m[key] - m["client_start"] for m in marks))
+        for _, key in TIMELINE
+        if marks and all(key in m for m in marks)
+    }
+
+
 async def one_client_over_http(
-    client: Any, base: str, llm: Any, questions: list[str], count: int
+    client: Any, base: str, llm: Any, questions: list[str], count: int, timeline: Path | None = None
 ) -> dict[str, Any]:
     """Sequential answers: added latency (end to end minus the upstream's own time, from
     the arrival of its request to its last token) and time to first token (client receipt
     minus the upstream's send of that token)."""
-    added, ttft, answers = [], [], []
+    added, ttft, answers, marks = [], [], [], []
+    logged = len(timeline.read_text().splitlines()) if timeline and timeline.exists() else 0
     for i in range(count):
         before, requests_before = len(llm.sent), len(llm.requests)
         answer = await stream_over_http(client, base, questions[i % len(questions)])
@@ -314,7 +404,22 @@ async def one_client_over_http(
             upstream = sent[-1][0] - requests[0]["received"]
             added.append(answer.seconds - upstream)
             ttft.append(answer.first_token_at - sent[0][0])
+            marks.append(
+                {
+                    "client_start": answer.started,
+                    "upstream_received": requests[0]["received"],
+                    "upstream_first_sent": sent[0][0],
+                    "client_first_token": answer.first_token_at,
+                    "upstream_last_sent": sent[-1][0],
+                    "client_end": answer.ended,
+                }
+            )
+    if timeline is not None and len(marks) == count:
+        stages = [json.loads(line) for line in timeline.read_text().splitlines()[logged:]]
+        if len(stages) == count:  # one line per answer, in order
+            marks = [{**m, **stage} for m, stage in zip(marks, stages, strict=True)]
     return {
+        "timeline_ms": timeline_ms(marks),
         **summary(answers),
         "added_p50_ms": ms(percentile(added, 50)),
         "added_p95_ms": ms(percentile(added, 95)),
@@ -506,12 +611,13 @@ async def run(args: argparse.Namespace) -> Report:
 
             limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
             timeout = httpx.Timeout(REQUEST_TIMEOUT_S)
-            with child_server(db, collection, llm.url, Path(folder) / "server.log") as (base, pid):
+            timeline = Path(folder) / "timeline.jsonl"
+            with child_server(db, collection, llm.url, Path(folder) / "server.log", timeline) as (base, pid):
                 async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
                     await wait_healthy(client, base)
                     await concurrently(lambda q: stream_over_http(client, base, q), questions, 1, 3)
                     report.latency["http"] = await one_client_over_http(
-                        client, base, llm, questions, args.requests
+                        client, base, llm, questions, args.requests, timeline
                     )
                     served, served_s = await concurrently(
                         lambda q: stream_over_http(client, base, q), questions, args.clients, total
@@ -592,6 +698,16 @@ def tables(report: Report) -> str:
             f"| server RSS growth over the last wave | {slow['rss_growth_last_wave_mib']} MiB | ≈ 0 |",
             f"| server threads before / peak | {slow['before']['threads']} / {slow['peak_threads']} | |",
         ]
+    stages = http.get("timeline_ms") or {}
+    if stages:
+        lines += [
+            "",
+            "Where one answer's time goes (1 client; median ms after the client sent its request):",
+            "",
+            "| stage | ms |",
+            "|---|---:|",
+        ]
+        lines += [f"| {name} | {stages[key]} |" for name, key in TIMELINE if key in stages]
     for key, value in (("1 client", http), ("HTTP clients", thr.get("http", {})), ("slow", slow)):
         if value.get("first_error"):
             lines.append(f"\nFirst error ({key}): {value['first_error']}")
