@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import random
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -388,7 +389,16 @@ class _GeneratorWithConfig(RunnableGenerator):
     # per-request settings (k, model, thinking...) it takes and validates.
     def __init__(self, *args: Any, specs: list[ConfigurableFieldSpec], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._specs = specs
+        # An option field (`model`) is an Enum whose default LangChain gives as the plain
+        # string; LangServe's config model then warns on every dump. Give it the member.
+        self._specs = [
+            spec._replace(default=spec.annotation(spec.default))
+            if isinstance(spec.annotation, type)
+            and issubclass(spec.annotation, enum.Enum)
+            and isinstance(spec.default, str)
+            else spec
+            for spec in specs
+        ]
 
     @property
     def config_specs(self) -> list[ConfigurableFieldSpec]:

@@ -5,6 +5,7 @@ deadlines, empty answers, dropped connections, clients that leave)."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -110,14 +111,22 @@ async def test_model_and_temperature_per_request(
     faq_db: Settings, embeddings: Any, llm_server: LLMServer
 ) -> None:
     body = {"input": {"question": QUESTION}, "config": {"configurable": {"temperature": 0.6}}}
+    pro = {"input": {"question": QUESTION}, "config": {"configurable": {"model": "deepseek-v4-pro"}}}
     unknown = {"input": {"question": QUESTION}, "config": {"configurable": {"model": "gpt-4o"}}}
     async with asgi_client(with_llm(faq_db, llm_server), embeddings) as client:
-        ok = await client.post("/rag/invoke", json=body)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ok = await client.post("/rag/invoke", json=body)
+            chosen = await client.post("/rag/invoke", json=pro)
         refused = await client.post("/rag/invoke", json=unknown)
-    assert ok.status_code == 200
+    assert ok.status_code == 200 and chosen.status_code == 200
     assert llm_server.requests[0]["body"]["temperature"] == 0.6
+    assert llm_server.requests[0]["body"]["model"] == "deepseek-v4-flash"  # the default
+    assert llm_server.requests[1]["body"]["model"] == "deepseek-v4-pro"
+    # LangServe's config model holds the model option as an Enum: no serializer warnings.
+    assert not [w for w in caught if "serializ" in str(w.message).lower()]
     assert refused.status_code == 422
-    assert len(llm_server.requests) == 1  # the unknown model never reached DeepSeek
+    assert len(llm_server.requests) == 2  # the unknown model never reached DeepSeek
 
 
 # --- conversations -----------------------------------------------------------------------
