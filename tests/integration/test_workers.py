@@ -124,6 +124,15 @@ def serve_two_workers(env: dict[str, str], port: int) -> tuple[subprocess.Popen[
     return serve, Output(serve)
 
 
+def kill_leftovers(serve: subprocess.Popen[str], store_pid: int) -> None:
+    """Whatever a failed test left running: `rag serve` and the milvus-lite server it started."""
+    if serve.poll() is None:
+        serve.kill()
+        serve.wait()
+    if store_pid and alive(store_pid):
+        os.kill(store_pid, signal.SIGKILL)
+
+
 def test_workers_share_the_ingested_lite_store_and_stop_it(tmp_path: Path, env: dict[str, str]) -> None:
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -171,11 +180,7 @@ def test_workers_share_the_ingested_lite_store_and_stop_it(tmp_path: Path, env: 
         assert not port_open(store_port) and not port_open(port)
         assert not any("Traceback" in line for line in output.lines), "\n".join(output.lines)
     finally:
-        if serve.poll() is None:
-            serve.kill()
-            serve.wait()
-        if store_pid and alive(store_pid):
-            os.kill(store_pid, signal.SIGKILL)
+        kill_leftovers(serve, store_pid)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal")
@@ -188,11 +193,7 @@ def test_the_store_dies_with_a_killed_rag_serve(env: dict[str, str]) -> None:
         serve.wait()
         assert gone_soon(store_pid), "the milvus-lite server outlived a killed `rag serve`"
     finally:
-        if serve.poll() is None:
-            serve.kill()
-            serve.wait()
-        if store_pid and alive(store_pid):
-            os.kill(store_pid, signal.SIGKILL)
+        kill_leftovers(serve, store_pid)
 
 
 def test_a_locked_lite_file_is_one_line_error(tmp_path: Path, env: dict[str, str]) -> None:
