@@ -217,6 +217,36 @@ def test_dense_score_is_chunk_plus_half_heading_similarity(
     assert scores == sorted(scores, reverse=True)
 
 
+def test_lite_files_are_searched_in_process_with_the_hits_of_grpc(setup: Any) -> None:
+    from chains.store import DENSE_FIELD, DENSE_SEARCH, OUTPUT_FIELDS, SPARSE_FIELD, SPARSE_SEARCH
+
+    settings, model, store, chunker, root = setup
+    ingest([str(root)], store, chunker, progress=False)
+    queries = [
+        (DENSE_FIELD, model.embed_query("where are the chunks kept?"), DENSE_SEARCH),
+        (SPARSE_FIELD, "etcd pod pending storage", SPARSE_SEARCH),
+    ]
+    for filter_expr in ("", 'source like "guide/%"', 'chunk_index >= 0 and source != "faq/etcd.md"'):
+        for field, data, params in queries:
+            hits = store.search(data, field, 10, filter_expr, params)
+            over_grpc = store.client.search(
+                store.collection,
+                data=[data],
+                anns_field=field,
+                limit=10,
+                filter=filter_expr,
+                output_fields=OUTPUT_FIELDS,
+                search_params=params,
+            )[0]
+            assert hits, (field, filter_expr)
+            assert [(h["pk"], h["entity"]) for h in hits] == [(h["pk"], dict(h["entity"])) for h in over_grpc]
+            expected = [h["distance"] for h in over_grpc]
+            assert [h["distance"] for h in hits] == pytest.approx(expected, abs=1e-5)
+    assert store.searches_in_process is not settings.milvus_is_server
+    with pytest.raises(Exception, match="nosuchfield"):
+        store.search("etcd", SPARSE_FIELD, 10, "nosuchfield == 1", SPARSE_SEARCH)
+
+
 def test_bad_files_are_skipped_and_nothing_stored_is_lost(setup: Any) -> None:
     _, _, store, chunker, root = setup
     ingest([str(root)], store, chunker, progress=False)

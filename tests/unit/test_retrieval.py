@@ -18,6 +18,7 @@ from chains.retrieval import (
     scale,
     to_document,
 )
+from chains.store import RagStore
 from errors import InputError, StoreError
 
 
@@ -107,14 +108,15 @@ class FakeEmbeddings:
         return [0.1, 0.2, 0.3]
 
 
-def fake_store(client: FakeClient, exists: bool = True) -> Any:
-    return SimpleNamespace(
-        client=client,
+def fake_store(client: FakeClient, exists: bool = True) -> RagStore:
+    """A real RagStore over the fake client, as for a Milvus server (searches go over pymilvus)."""
+    client.has_collection = lambda name: exists  # type: ignore[attr-defined]
+    return RagStore(
+        vectorstore=cast(Any, SimpleNamespace(client=client)),
         collection="rag_docs",
-        embeddings=FakeEmbeddings(),
-        settings=SimpleNamespace(milvus_uri="./test.db"),
-        dense_index_type="FLAT",
-        exists=lambda: exists,
+        embeddings=cast(Any, FakeEmbeddings()),
+        settings=cast(Any, SimpleNamespace(milvus_uri="http://milvus:19530", milvus_is_server=True)),
+        _index_type="FLAT",
     )
 
 
@@ -246,7 +248,7 @@ def test_bad_filter_is_an_input_error() -> None:
 def test_search_failure_without_filter_is_a_store_error() -> None:
     client = FakeClient(error=RuntimeError("connection refused"))
     retriever = MilvusRetriever(store=fake_store(client), k=3, search="sparse")
-    with pytest.raises(StoreError, match="./test.db"):
+    with pytest.raises(StoreError, match="http://milvus:19530"):
         retriever.retrieve("q")
 
 
@@ -269,3 +271,12 @@ def test_to_document_handles_flat_hits() -> None:
     assert doc.metadata["id"] == "x"
     assert doc.metadata["headers"] == []
     assert doc.metadata["score"] == pytest.approx(0.5)
+
+
+def test_lite_engine_lookup_falls_back_to_grpc(make_settings: Any, tmp_path: Any) -> None:
+    from chains.store import lite_collection
+
+    # A server URI is always searched over gRPC; so is a Lite file this process hasn't opened.
+    assert lite_collection(make_settings(MILVUS_URI="http://127.0.0.1:19530"), "docs") is None
+    assert lite_collection(make_settings(MILVUS_URI=str(tmp_path / "unopened.db")), "docs") is None
+    assert not (tmp_path / "unopened.db").exists()
