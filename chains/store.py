@@ -104,8 +104,8 @@ def describe_failure(settings: Settings, exc: Exception) -> str:
     return f"cannot reach Milvus at {settings.milvus_uri}: {text.splitlines()[0] if text else exc!r}"
 
 
-def lite_collection(settings: Settings, collection: str) -> Any | None:
-    """Milvus Lite's own object for a collection of the Lite file this process opened, else None.
+def lite_database(settings: Settings) -> Any | None:
+    """Milvus Lite's engine for the Lite file this process opened (None for a server URI).
 
     pymilvus serves a Lite file from an in-process gRPC server; searching the engine
     behind it directly is the same `Collection.search` call that server's Search makes,
@@ -116,15 +116,12 @@ def lite_collection(settings: Settings, collection: str) -> Any | None:
     if settings.milvus_is_server:
         return None
     try:
-        from milvus_lite import Collection, MilvusLite
+        from milvus_lite import MilvusLite
         from milvus_lite.server_manager import server_manager_instance
 
         entry = server_manager_instance._servers.get(connection_args(settings)["uri"])
         database = entry[1] if isinstance(entry, tuple) and len(entry) > 1 else None
-        if not isinstance(database, MilvusLite):
-            return None
-        found = database.get_collection(collection)
-        return found if isinstance(found, Collection) else None
+        return database if isinstance(database, MilvusLite) else None
     except Exception:
         log.warning("Milvus Lite's engine is not reachable in process; searching over gRPC", exc_info=True)
         return None
@@ -140,9 +137,9 @@ class RagStore:
     settings: Settings
     _index_type: str | None = None
     _exists: bool = False
-    # Milvus Lite's engine object for this collection (looked up on the first search).
-    _engine: Any = field(default=None, repr=False)
-    _engine_looked_up: bool = False
+    # Milvus Lite's engine for a Lite file (looked up on the first search).
+    _lite: Any = field(default=None, repr=False)
+    _lite_looked_up: bool = False
 
     @property
     def client(self) -> MilvusClient:
@@ -174,7 +171,7 @@ class RagStore:
     @property
     def searches_in_process(self) -> bool:
         """Whether searches go straight to Milvus Lite's engine (known after the first search)."""
-        return self._engine is not None
+        return self._lite is not None
 
     def search(
         self, data: Any, field_name: str, limit: int, filter_expr: str, params: dict[str, Any]
@@ -184,11 +181,12 @@ class RagStore:
         Each hit is {"pk", "distance" (as Milvus reports it), "entity": OUTPUT_FIELDS}.
         Call only when the collection exists.
         """
-        if not self._engine_looked_up:
-            self._engine = lite_collection(self.settings, self.collection)
-            self._engine_looked_up = True
-        if self._engine is not None:
-            hits = self._engine.search(
+        if not self._lite_looked_up:
+            self._lite = lite_database(self.settings)
+            self._lite_looked_up = True
+        if self._lite is not None:
+            # Asked each time (a dict lookup): a collection dropped and made again is a new object.
+            hits = self._lite.get_collection(self.collection).search(
                 [data],
                 top_k=limit,
                 anns_field=field_name,
@@ -230,7 +228,7 @@ class RagStore:
         file's lock) until the process exits; stopping it lets another process, such as
         `rag ingest` beside a stopped `rag serve`, open the file.
         """
-        self._engine, self._engine_looked_up = None, True
+        self._lite, self._lite_looked_up = None, True
         try:
             self.client.close()
         except Exception:  # pragma: no cover - closing twice is harmless

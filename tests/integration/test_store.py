@@ -245,6 +245,10 @@ def test_lite_files_are_searched_in_process_with_the_hits_of_grpc(setup: Any) ->
     assert store.searches_in_process is not settings.milvus_is_server
     with pytest.raises(Exception, match="nosuchfield"):
         store.search("etcd", SPARSE_FIELD, 10, "nosuchfield == 1", SPARSE_SEARCH)
+    # A dropped collection fails the search instead of answering from what it held.
+    store.client.drop_collection(store.collection)
+    with pytest.raises(Exception, match=store.collection):
+        store.search("etcd", SPARSE_FIELD, 10, "", SPARSE_SEARCH)
 
 
 def test_bad_files_are_skipped_and_nothing_stored_is_lost(setup: Any) -> None:

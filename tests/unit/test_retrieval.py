@@ -274,9 +274,9 @@ def test_to_document_handles_flat_hits() -> None:
 
 
 def test_lite_engine_lookup_falls_back_to_grpc(make_settings: Any, tmp_path: Any) -> None:
-    from chains.store import lite_collection
+    from chains.store import lite_database
 
     # A server URI is always searched over gRPC; so is a Lite file this process hasn't opened.
-    assert lite_collection(make_settings(MILVUS_URI="http://127.0.0.1:19530"), "docs") is None
-    assert lite_collection(make_settings(MILVUS_URI=str(tmp_path / "unopened.db")), "docs") is None
+    assert lite_database(make_settings(MILVUS_URI="http://127.0.0.1:19530")) is None
+    assert lite_database(make_settings(MILVUS_URI=str(tmp_path / "unopened.db"))) is None
     assert not (tmp_path / "unopened.db").exists()
