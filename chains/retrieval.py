@@ -12,6 +12,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import ConfigurableField, Runnable
 from pydantic import ConfigDict, Field
+from pymilvus import MilvusException
 
 from chains.store import (
     DENSE_FIELD,
@@ -109,7 +110,7 @@ class MilvusRetriever(BaseRetriever):
         except InputError:
             raise
         except Exception as exc:
-            message = str(exc)
+            message = one_line(exc, filter_expr)
             unreachable = any(w in message.lower() for w in ("connect", "unavailable", "deadline"))
             if filter_expr and not unreachable:
                 raise InputError(f"invalid filter {filter_expr!r}: {message}") from exc
@@ -139,6 +140,18 @@ class MilvusRetriever(BaseRetriever):
         # 46.4 ms in a thread, 44.8 ms in turn), as both want the interpreter and the cores.
         lexical = search(query, SPARSE_FIELD, SPARSE_SEARCH)
         return fuse([(1.0, dense), (BM25_WEIGHT, scale(lexical))])
+
+
+def one_line(exc: BaseException, expr: str = "") -> str:
+    """Milvus's reason for refusing a call, on one line.
+
+    Its filter errors span lines (the expression again, a caret under the fault), and
+    pymilvus wraps the reason as `<MilvusException: (code=N, message=...)>`.
+    """
+    text = str(exc.message if isinstance(exc, MilvusException) else exc)
+    lines = [line.strip() for line in text.splitlines()]
+    kept = [line for line in lines if line and set(line) != {"^"} and line.strip("()") != expr.strip("()")]
+    return "; ".join(kept) or type(exc).__name__
 
 
 def scale(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -91,6 +91,7 @@ def test_ask_streams_the_answer_then_sources(cli_env: dict[str, str], llm_server
             "cannot reach DeepSeek",
         ),
         (["search", QUESTION], {"MILVUS_URI": "closed"}, "cannot reach Milvus"),
+        (["search", QUESTION, "--filter", "chunk_index =="], {}, "invalid filter '(chunk_index ==)'"),
     ],
 )
 def test_errors_are_one_readable_line(

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
+from pymilvus import MilvusException
 
 from chains.retrieval import (
     BM25_WEIGHT,
@@ -243,6 +244,24 @@ def test_bad_filter_is_an_input_error() -> None:
     retriever = MilvusRetriever(store=fake_store(client), k=3, search="sparse")
     with pytest.raises(InputError, match="invalid filter"):
         retriever.retrieve("q", expr="chunk_index >>> 2")
+
+
+REASON = "unexpected token ')' at column 11\n  (nosuch ==)\n            ^\nexpected literal or '('"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError(REASON), MilvusException(code=6, message=REASON)],
+    ids=["in process", "over grpc"],
+)
+def test_milvus_filter_errors_are_reported_on_one_line(error: Exception) -> None:
+    # Milvus Lite's parser echoes the expression with a caret under the fault.
+    retriever = MilvusRetriever(store=fake_store(FakeClient(error=error)), k=3)
+    with pytest.raises(InputError) as caught:
+        retriever.retrieve("q", expr="nosuch ==")
+    assert str(caught.value) == (
+        "invalid filter '(nosuch ==)': unexpected token ')' at column 11; expected literal or '('"
+    )
 
 
 def test_search_failure_without_filter_is_a_store_error() -> None:
