@@ -137,9 +137,8 @@ class RagStore:
     settings: Settings
     _index_type: str | None = None
     _exists: bool = False
-    # Milvus Lite's engine for a Lite file (looked up on the first search).
-    _lite: Any = field(default=None, repr=False)
-    _lite_looked_up: bool = False
+    # Milvus Lite's engine, for a Lite file this process opened (see lite_database).
+    lite_engine: Any = field(default=None, repr=False)
 
     @property
     def client(self) -> MilvusClient:
@@ -170,8 +169,8 @@ class RagStore:
 
     @property
     def searches_in_process(self) -> bool:
-        """Whether searches go straight to Milvus Lite's engine (known after the first search)."""
-        return self._lite is not None
+        """Whether searches go straight to Milvus Lite's engine rather than over gRPC."""
+        return self.lite_engine is not None
 
     def search(
         self, data: Any, field_name: str, limit: int, filter_expr: str, params: dict[str, Any]
@@ -181,12 +180,9 @@ class RagStore:
         Each hit is {"pk", "distance" (as Milvus reports it), "entity": OUTPUT_FIELDS}.
         Call only when the collection exists.
         """
-        if not self._lite_looked_up:
-            self._lite = lite_database(self.settings)
-            self._lite_looked_up = True
-        if self._lite is not None:
+        if self.lite_engine is not None:
             # Asked each time (a dict lookup): a collection dropped and made again is a new object.
-            hits = self._lite.get_collection(self.collection).search(
+            hits = self.lite_engine.get_collection(self.collection).search(
                 [data],
                 top_k=limit,
                 anns_field=field_name,
@@ -228,7 +224,7 @@ class RagStore:
         file's lock) until the process exits; stopping it lets another process, such as
         `rag ingest` beside a stopped `rag serve`, open the file.
         """
-        self._lite, self._lite_looked_up = None, True
+        self.lite_engine = None
         try:
             self.client.close()
         except Exception:  # pragma: no cover - closing twice is harmless
@@ -301,7 +297,9 @@ def make_store(settings: Settings, embeddings: PymilvusEmbeddings) -> RagStore:
     except StoreError:
         vectorstore.client.close()
         raise
-    return RagStore(vectorstore, settings.collection, embeddings, settings)
+    return RagStore(
+        vectorstore, settings.collection, embeddings, settings, lite_engine=lite_database(settings)
+    )
 
 
 def escape(value: str) -> str:
