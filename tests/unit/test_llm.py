@@ -383,6 +383,56 @@ async def test_raw_request_matches_the_sdk_request(llm_server: LLMServer, stream
     await root.close()
 
 
+async def test_direct_stream_sends_and_reads_what_the_sdk_does(llm_server: LLMServer) -> None:
+    root = openai.AsyncOpenAI(base_url=llm_server.url, api_key=llm_server.api_key, max_retries=0)
+    http = httpx.AsyncClient(timeout=30)
+    params = {**PARAMS, "stream": True}
+
+    typed = await root.chat.completions.create(**params)
+    typed_chunks = [c.model_dump(exclude_unset=True) async for c in typed]
+    direct = await AsyncRawChatCompletions(root, http).create(**params)
+    assert not isinstance(direct, openai.AsyncStream)  # not the SDK's stream
+    async with direct:
+        chunks = [c async for c in direct]
+    again = await AsyncRawChatCompletions(root, http).create(**params)
+    assert [c async for c in again] == chunks
+
+    assert chunks == typed_chunks and all(type(c) is dict for c in chunks)
+    sdk_request, direct_request, _ = llm_server.requests
+    assert direct_request["path"] == sdk_request["path"] == "/v1/chat/completions?beta=1"
+    assert direct_request["body"] == sdk_request["body"]  # extra_body merged the same way
+    direct_headers = httpx.Headers(direct_request["headers"])  # (names in any case)
+    sdk_headers = httpx.Headers(sdk_request["headers"])
+    for header in ("authorization", "x-trace", "user-agent", "content-type"):
+        assert direct_headers[header] == sdk_headers[header]
+    await root.close()
+    await http.aclose()
+
+
+async def test_direct_stream_parses_sse_as_the_spec_says() -> None:
+    chunk = {"id": "c", "object": "chat.completion.chunk", "choices": []}
+    body = (
+        b": keep-alive\n\n"  # a comment, then an event split over two data lines
+        + b'data: {"id": "c", "object": "chat.completion.chunk",\ndata:"choices": []}\n\n'
+        + b"event: ignored\nid: 7\n\n"
+        + b"data: [DONE]\n\n"
+        + b'data: {"after": "done"}\n\n'  # nothing after [DONE] is read as a chunk
+    )
+    requests: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(200, content=body, headers={"content-type": "text/plain"})
+
+    root = openai.AsyncOpenAI(base_url=BASE_URL, api_key="k", max_retries=0)
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    stream = await AsyncRawChatCompletions(root, http).create(**PARAMS, stream=True)
+    assert [c async for c in stream] == [chunk]
+    assert stream.response.is_closed
+    assert json.loads(requests[0].content)["stream"] is True
+    await http.aclose()
+
+
 def test_sync_raw_request_matches_the_sdk_request(llm_server: LLMServer) -> None:
     root = openai.OpenAI(base_url=llm_server.url, api_key=llm_server.api_key, max_retries=0)
     typed = root.chat.completions.create(**PARAMS)
@@ -450,10 +500,12 @@ async def test_stalled_streams_time_out(llm_server: LLMServer) -> None:
         [c async for c in served_llm(llm_server, DEEPSEEK_TIMEOUT=0.3).astream("hello")]
 
 
-async def test_per_call_timeout_reaches_the_request(llm_server: LLMServer) -> None:
+@pytest.mark.parametrize("direct", [False, True])
+async def test_per_call_timeout_reaches_the_request(llm_server: LLMServer, direct: bool) -> None:
     llm_server.behaviour = Behaviour(stall_after=0)
     root = openai.AsyncOpenAI(base_url=llm_server.url, api_key=llm_server.api_key, max_retries=0, timeout=60)
-    stream = await AsyncRawChatCompletions(root).create(**{**PARAMS, "timeout": 0.3}, stream=True)
+    http = httpx.AsyncClient(timeout=60) if direct else None
+    stream = await AsyncRawChatCompletions(root, http).create(**{**PARAMS, "timeout": 0.3}, stream=True)
     with pytest.raises(openai.APITimeoutError):
         [c async for c in stream]
     await root.close()
