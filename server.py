@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hmac
 import json
 import logging
@@ -44,7 +45,13 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
             service.embeddings.embed_query("warm up")
         except RagError as exc:
             log.error("starting without Milvus: %s", exc)
+        # The start-up heap (torch, transformers, LangChain: ~250k objects) lives as long as
+        # the process; frozen, the collector stops rescanning it. Unfrozen, a full collection
+        # every ~200 answers stalled one for 255 ms (measured here with gc.callbacks).
+        gc.collect()
+        gc.freeze()
         yield
+        gc.unfreeze()  # an app that stops in a process that goes on (tests) leaves nothing frozen
         service.close()
 
     app = FastAPI(
