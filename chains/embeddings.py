@@ -214,10 +214,13 @@ class PymilvusEmbeddings(Embeddings):
         query_batch: int = QUERY_BATCH,
         query_wait: float = 0.0,
         onnx_cache_dir: Path | None = None,
+        onnx_int8: bool = False,
     ):
         self.spec = spec
         # Where the ONNX export of the model for questions is kept; None: questions on torch.
         self.onnx_cache_dir = onnx_cache_dir
+        # Questions through the export's int8 copy (see chains/onnx_queries.py).
+        self.onnx_int8 = onnx_int8
         self._onnx: Any = None
         self._onnx_tried = False
         self.batch_size = batch_size
@@ -318,8 +321,10 @@ class PymilvusEmbeddings(Embeddings):
 
     @property
     def query_backend(self) -> str:
-        """What embeds questions: "onnx" or "torch" (known after the first question)."""
-        return "onnx" if self._onnx is not None else "torch"
+        """What embeds questions: "onnx-int8", "onnx" or "torch" (known after the first question)."""
+        if self._onnx is None:
+            return "torch"
+        return "onnx-int8" if self._onnx.int8 else "onnx"
 
     def _encode_queries(self, texts: list[str]) -> Sequence[Sequence[float]]:
         # Runs on the query worker thread only, so the ONNX encoder is set up once, here.
@@ -346,6 +351,7 @@ class PymilvusEmbeddings(Embeddings):
             self.onnx_cache_dir,
             transformer=lambda: self.function.model[0].auto_model,
             reference=self._torch_queries,
+            int8=self.onnx_int8,
         )
 
 
@@ -378,11 +384,12 @@ def _torch_threads(count: int | None) -> Iterator[None]:
 
 def make_embeddings(settings: Settings) -> PymilvusEmbeddings:
     """The embedding model that settings name (not loaded until first used)."""
-    onnx = settings.query_encoder == "onnx"
+    onnx = settings.query_encoder in ("onnx", "onnx-int8")
     return PymilvusEmbeddings(
         settings.embedding,
         batch_size=settings.embedding_batch_size,
         onnx_cache_dir=Path(settings.cache_dir).expanduser() if onnx else None,
+        onnx_int8=settings.query_encoder == "onnx-int8",
     )
 
 

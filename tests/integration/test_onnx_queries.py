@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from chains.embeddings import PymilvusEmbeddings, packaged_minilm_path
-from chains.onnx_queries import cache_path, load_or_export, supported
+from chains.onnx_queries import MIN_COSINE_INT8, cache_path, int8_path, load_or_export, supported
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +44,66 @@ def test_export_matches_torch_and_is_reused(tmp_path: Path, embeddings: Any) -> 
     again = load_or_export(model_dir, tmp_path, no_export, embeddings.function.encode_queries)
     assert again is not None
     assert np.allclose(again.encode_queries(QUESTIONS[:1]), ours[:1], atol=1e-6)
+
+
+def test_int8_copy_is_close_to_torch_and_is_reused(tmp_path: Path, embeddings: Any) -> None:
+    model_dir = packaged_minilm_path()
+    encoder = load_or_export(
+        model_dir, tmp_path, lambda: transformer_of(embeddings), embeddings.function.encode_queries, int8=True
+    )
+    assert encoder is not None and encoder.int8
+    exact_file = cache_path(model_dir, tmp_path)
+    assert int8_path(exact_file).is_file()
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(int8_path(exact_file))).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops  # the layers really run in int8
+    ours = np.asarray(encoder.encode_queries(QUESTIONS))
+    theirs = np.asarray(embeddings.function.encode_queries(QUESTIONS))
+    cosines = (ours * theirs).sum(axis=1)
+    assert cosines.min() >= MIN_COSINE_INT8
+    assert cosines.max() < 0.9999  # really the int8 weights, not the fp32 export
+
+    def no_export() -> Any:
+        raise AssertionError("exported again instead of reading the cache")
+
+    def no_reference(texts: list[str]) -> Any:
+        raise AssertionError("checked against torch again instead of trusting the cached copy")
+
+    again = load_or_export(model_dir, tmp_path, no_export, no_reference, int8=True)
+    assert again is not None and again.int8
+    # Each question's vector is its own, whatever it was batched with.
+    assert np.allclose(again.encode_queries(QUESTIONS[:1]), ours[:1], atol=1e-6)
+    assert np.allclose(again.encode_queries(QUESTIONS[::-1])[::-1], ours, atol=1e-6)
+
+
+def test_an_int8_copy_that_disagrees_falls_back_to_the_exact_export(tmp_path: Path, embeddings: Any) -> None:
+    model_dir = packaged_minilm_path()
+    assert load_or_export(
+        model_dir, tmp_path, lambda: transformer_of(embeddings), embeddings.function.encode_queries
+    )
+    exact_file = cache_path(model_dir, tmp_path)
+
+    def wrong(texts: list[str]) -> Any:
+        # The fp32 export is cached and trusted: only the new int8 copy is checked.
+        return np.ones((len(texts), 384))
+
+    encoder = load_or_export(model_dir, tmp_path, lambda: transformer_of(embeddings), wrong, int8=True)
+    assert encoder is not None and not encoder.int8
+    assert not int8_path(exact_file).exists()
+
+
+def test_the_cache_is_named_after_the_weights_not_their_folder(tmp_path: Path) -> None:
+    # A fresh install (a new venv) must find the export that an earlier install made.
+    model_dir = packaged_minilm_path()
+    copy = tmp_path / "elsewhere" / model_dir.name
+    shutil.copytree(model_dir, copy)
+    assert cache_path(copy, tmp_path) == cache_path(model_dir, tmp_path)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert cache_path(copy, tmp_path) != cache_path(model_dir, tmp_path)
 
 
 def test_an_export_that_disagrees_is_thrown_away(tmp_path: Path, embeddings: Any) -> None:
@@ -85,3 +145,21 @@ def test_embeddings_use_onnx_for_questions_and_skip_torch_when_cached(
         cached.close()
     assert np.dot(vector, again) > 0.9999
     assert np.dot(vector, embeddings.embed_query(QUESTIONS[0])) > 0.9999
+
+
+def test_settings_choose_the_int8_copy_by_default(tmp_path: Path, embeddings: Any) -> None:
+    from chains.embeddings import make_embeddings
+    from settings import Settings
+
+    for encoder, backend in (("onnx-int8", "onnx-int8"), ("onnx", "onnx"), ("torch", "torch")):
+        values: dict[str, Any] = {"RAG_CACHE_DIR": str(tmp_path)}
+        if encoder != "onnx-int8":  # the default
+            values["RAG_QUERY_ENCODER"] = encoder
+        model = make_embeddings(Settings(_env_file=None, **values))
+        model._function = embeddings.function  # the session's loaded torch model, for the export
+        try:
+            vector = model.embed_query(QUESTIONS[0])
+            assert model.query_backend == backend
+        finally:
+            model.close()
+        assert np.dot(vector, embeddings.embed_query(QUESTIONS[0])) > MIN_COSINE_INT8
