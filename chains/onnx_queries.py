@@ -235,38 +235,56 @@ def load_or_export(
     if not supported(model_dir):
         return None
     try:
-        target = cache_path(model_dir, cache_dir)
-        if target.is_file():
-            encoder = OnnxQueryEncoder(target, model_dir)
-        else:
-            export(transformer(), model_dir, target)
-            encoder = OnnxQueryEncoder(target, model_dir)
-            if not agrees(encoder, reference):
-                log.warning("questions stay on torch: the ONNX export disagrees with the model")
-                target.unlink(missing_ok=True)
-                return None
+        exact_file = cache_path(model_dir, cache_dir)
+        int8_file = int8_path(exact_file)
+        if int8 and int8_file.is_file():
+            # The usual start: only the copy in use is opened, not the 90 MB export too.
+            return OnnxQueryEncoder(int8_file, model_dir, int8=True)
+        exact = _open_or_make(
+            exact_file, model_dir, lambda: export(transformer(), model_dir, exact_file), reference, MIN_COSINE
+        )
     except Exception as exc:  # any failure here only costs speed
         log.warning("questions stay on torch: ONNX export unavailable (%s)", exc)
         return None
+    if exact is None:
+        log.warning("questions stay on torch: the ONNX export disagrees with the model")
+        return None
     if not int8:
-        return encoder
-    return _load_or_quantize(target, model_dir, reference) or encoder
-
-
-def _load_or_quantize(
-    export_file: Path, model_dir: Path, reference: Callable[[list[str]], Sequence[Sequence[float]]]
-) -> OnnxQueryEncoder | None:
-    target = int8_path(export_file)
+        return exact
     try:
-        if target.is_file():
-            return OnnxQueryEncoder(target, model_dir, int8=True)
-        quantize(export_file, target)
-        encoder = OnnxQueryEncoder(target, model_dir, int8=True)
+        quantized = _open_or_make(
+            int8_file,
+            model_dir,
+            lambda: quantize(exact_file, int8_file),
+            reference,
+            MIN_COSINE_INT8,
+            int8=True,
+        )
     except Exception as exc:
         log.warning("questions use the fp32 ONNX export: int8 quantization failed (%s)", exc)
-        return None
-    if not agrees(encoder, reference, MIN_COSINE_INT8):
+        return exact
+    if quantized is None:
         log.warning("questions use the fp32 ONNX export: its int8 copy disagrees with the model")
-        target.unlink(missing_ok=True)
-        return None
-    return encoder
+        return exact
+    return quantized
+
+
+def _open_or_make(
+    target: Path,
+    model_dir: Path,
+    make: Callable[[], None],
+    reference: Callable[[list[str]], Sequence[Sequence[float]]],
+    min_cosine: float,
+    int8: bool = False,
+) -> OnnxQueryEncoder | None:
+    """The encoder in `target`; if the file is missing, made and checked against `reference`
+    first (a cached file was checked when it was made). None, and the file deleted, when a
+    new one disagrees."""
+    if target.is_file():
+        return OnnxQueryEncoder(target, model_dir, int8=int8)
+    make()
+    encoder = OnnxQueryEncoder(target, model_dir, int8=int8)
+    if agrees(encoder, reference, min_cosine):
+        return encoder
+    target.unlink(missing_ok=True)
+    return None
