@@ -43,20 +43,21 @@ def parse_env(variant: str) -> dict[str, str]:
 def variant_server(db: Path, collection: str, llm_url: str, env: dict[str, str], log: Path) -> Iterator[str]:
     """The base URL of bench/serve.py's child server with `env` added to its environment."""
     saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)  # the child inherits the environment when it starts
-    try:
-        server = serve.child_server(db, collection, llm_url, log)
-        base, _pid = server.__enter__()
-    finally:
-        for name, value in saved.items():  # the next server must not inherit these
+
+    def restore() -> None:
+        for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+    os.environ.update(env)  # the child inherits the environment when it starts
     try:
-        yield base
+        with serve.child_server(db, collection, llm_url, log) as (base, _pid):
+            restore()  # started: the next server must not inherit these
+            yield base
     finally:
-        server.__exit__(None, None, None)
+        restore()
 
 
 async def added_latency(client: Any, base: str, llm: Any, question: str) -> float:
