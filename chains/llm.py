@@ -10,7 +10,14 @@ from typing import Any, Self
 
 import httpx
 import openai
-from langchain_core.runnables import ConfigurableField, ConfigurableFieldSingleOption, Runnable
+from langchain_core.runnables import (
+    ConfigurableField,
+    ConfigurableFieldSingleOption,
+    Runnable,
+    RunnableConfig,
+    ensure_config,
+)
+from langchain_core.runnables.configurable import RunnableConfigurableFields
 from langchain_deepseek import ChatDeepSeek
 from pydantic import model_validator
 
@@ -285,6 +292,31 @@ class PerLoopTransport(httpx.AsyncBaseTransport):
             await pool.aclose()
 
 
+class ConfiguredOnDemand(RunnableConfigurableFields):  # type: ignore[type-arg]
+    """Configurable fields that build a configured copy of the model only when a call
+    changes one of them.
+
+    LangChain's own rebuilds the model (a pydantic validation of every field, ~0.5 ms an
+    answer) whenever a field has an option list, as `model` does, and LangServe fills in
+    every field's default as soon as a request brings any config at all.
+    """
+
+    def _prepare(self, config: RunnableConfig | None = None) -> tuple[Runnable, RunnableConfig]:
+        config = ensure_config(config)
+        asked = config.get("configurable", {})
+        for key, spec in self.fields.items():
+            if spec.id not in asked:
+                continue
+            value = asked[spec.id]
+            if isinstance(spec, ConfigurableFieldSingleOption):
+                if value not in spec.options:
+                    return super()._prepare(config)  # which names the unknown option
+                value = spec.options[value]
+            if value != getattr(self.default, key):
+                return super()._prepare(config)
+        return self.default, config
+
+
 def make_llm(settings: Settings) -> Runnable | None:
     """The chat model (None without DEEPSEEK_API_KEY), with configurable fields
     `model`, `temperature` and `thinking` for LangServe's per-request config."""
@@ -312,19 +344,22 @@ def make_llm(settings: Settings) -> Runnable | None:
         streaming=True,
     )
     models = settings.model_list
-    return model.configurable_fields(
-        model_name=ConfigurableFieldSingleOption(
-            id="model",
-            name="Model",
-            description="DeepSeek model id.",
-            options={m: m for m in models},
-            default=settings.deepseek_model,
-        ),
-        temperature=ConfigurableField(id="temperature", name="Temperature", description="0 to 2."),
-        thinking=ConfigurableField(
-            id="thinking",
-            name="Thinking",
-            description="Let the model reason before answering; its reasoning streams separately.",
+    return ConfiguredOnDemand(
+        default=model,
+        fields=dict(
+            model_name=ConfigurableFieldSingleOption(
+                id="model",
+                name="Model",
+                description="DeepSeek model id.",
+                options={m: m for m in models},
+                default=settings.deepseek_model,
+            ),
+            temperature=ConfigurableField(id="temperature", name="Temperature", description="0 to 2."),
+            thinking=ConfigurableField(
+                id="thinking",
+                name="Thinking",
+                description="Let the model reason before answering; its reasoning streams separately.",
+            ),
         ),
     )
 

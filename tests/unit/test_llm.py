@@ -14,6 +14,7 @@ from pydantic import SecretStr
 
 from chains.llm import (
     AsyncRawChatCompletions,
+    ConfiguredOnDemand,
     DeepSeekChat,
     RawChatCompletions,
     describe_llm_error,
@@ -85,6 +86,21 @@ def test_only_listed_models_can_be_chosen_per_request() -> None:
     # In process an unknown id fails before any request; over HTTP, LangServe answers 422.
     with pytest.raises(KeyError):
         llm.with_config(configurable={"model": "gpt-4"}).invoke("hello")
+
+
+def test_a_call_that_changes_no_setting_answers_with_the_model_as_built() -> None:
+    llm = make_llm(settings(DEEPSEEK_API_KEY="sk-test", DEEPSEEK_MODELS="deepseek-v4-pro"))
+    assert isinstance(llm, ConfiguredOnDemand)
+    # LangServe sends every field's default once a request brings any config at all.
+    unchanged = {"model": "deepseek-v4-flash", "temperature": 0.0, "thinking": False, "k": 5}
+    assert llm._prepare({})[0] is llm.default
+    assert llm._prepare({"configurable": unchanged})[0] is llm.default
+    warmer = llm._prepare({"configurable": {**unchanged, "temperature": 0.5}})[0]
+    assert isinstance(warmer, DeepSeekChat) and warmer is not llm.default
+    assert (warmer.model_name, warmer.temperature) == ("deepseek-v4-flash", 0.5)
+    pro = llm._prepare({"configurable": {"model": "deepseek-v4-pro"}})[0]
+    assert isinstance(pro, DeepSeekChat) and pro.model_name == "deepseek-v4-pro"
+    assert isinstance(llm.default, DeepSeekChat) and llm.default.model_name == "deepseek-v4-flash"
 
 
 def chat_completion(content: str) -> dict[str, Any]:
