@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import weakref
 from collections.abc import AsyncIterator
 from typing import Any, Self
@@ -23,6 +24,8 @@ from pydantic import model_validator
 
 from errors import LLMError, LLMTimeoutError
 from settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def thinking_body(thinking: bool) -> dict[str, Any]:
@@ -163,12 +166,23 @@ class AsyncRawChatCompletions:
 class ChunkStream:
     """The chunks of a streamed chat completion as dicts (`async for`, `async with`).
 
+    A task of its own reads the response, so that pieces of text that arrived while the
+    consumer was busy reach it as one chunk (see `join_text_deltas`): forwarding a chunk
+    through LangChain, LangServe and the client's socket costs ~0.3 ms here, so a reply
+    that arrives in a burst would otherwise pay that once per token. Nothing waits to be
+    joined: the consumer gets whatever has arrived as soon as it asks.
+
+    The reader task also keeps a client that leaves from interrupting the close of the
+    connection upstream (see `close`).
+
     The SSE parsing is ours rather than httpx-sse's, which refuses any response without a
     `text/event-stream` content type; the SDK's parser does not check it either.
     """
 
     def __init__(self, response: httpx.Response) -> None:
         self.response = response
+        self._reader: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def __aenter__(self) -> Self:
         return self
@@ -177,13 +191,65 @@ class ChunkStream:
         await self.close()
 
     async def close(self) -> None:
-        """Close the HTTP response (and so the request upstream)."""
-        await self.response.aclose()
+        """Stop reading, and close the HTTP response (and so the request upstream)."""
+        reader = self._reader
+        if reader is None:
+            await self.response.aclose()
+            return
+        # Cancelled once only, and waited for with asyncio.wait rather than `await reader`:
+        # a second cancellation (a second close, or anyio cancelling this task again and
+        # again while a client that left is torn down) would interrupt the reader's own
+        # close of the connection, which then stayed open while DeepSeek went on generating.
+        if not self._stopping:
+            self._stopping = True
+            reader.cancel()
+        await asyncio.wait({reader})
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
+        received: list[Any] = []  # chunks, then _END or the exception that ended the stream
+        arrived = asyncio.Event()
+        self._reader = reader = asyncio.get_running_loop().create_task(self._read(received, arrived))
+        _readers.add(reader)
+        reader.add_done_callback(_readers.discard)
+        try:
+            while True:
+                if not received:
+                    arrived.clear()
+                    await arrived.wait()
+                if not received:  # the reader was stopped from outside, mid-stream
+                    raise openai.APIConnectionError(request=self.response.request)  # type: ignore[arg-type]
+                batch = received[:]
+                received.clear()
+                last = batch[-1]
+                ended = last is _END or isinstance(last, BaseException)
+                for chunk in join_text_deltas(batch[:-1] if ended else batch):
+                    yield chunk
+                if isinstance(last, BaseException):
+                    raise last
+                if ended:
+                    return
+        finally:
+            await self.close()
+
+    async def _read(self, received: list[Any], arrived: asyncio.Event) -> None:
+        try:
+            async for chunk in self._events():
+                received.append(chunk)
+                arrived.set()
+            received.append(_END)
+        except Exception as exc:  # handed to the consumer, raised there
+            received.append(exc)
+        finally:
+            arrived.set()
+            try:
+                await self.response.aclose()
+            except httpx.TransportError:  # the stream is over either way
+                log.debug("closing the answer stream failed", exc_info=True)
+
+    async def _events(self) -> AsyncIterator[dict[str, Any]]:
         request = self.response.request
         data: list[str] = []
         done = False
@@ -215,8 +281,47 @@ class ChunkStream:
             raise openai.APITimeoutError(request=request) from exc  # type: ignore[arg-type]
         except httpx.TransportError as exc:
             raise openai.APIConnectionError(request=request) from exc  # type: ignore[arg-type]
-        finally:
-            await self.response.aclose()
+
+
+_END = object()
+# Running readers, so none is garbage-collected while it still closes its connection.
+_readers: set[asyncio.Task[None]] = set()
+TEXT_FIELDS = ("content", "reasoning_content")
+
+
+def _text_field(chunk: Any) -> str | None:
+    """The delta field a chunk carries when it is nothing but a piece of answer or reasoning."""
+    if not isinstance(chunk, dict) or chunk.get("usage") or len(chunk.get("choices") or ()) != 1:
+        return None
+    choice = chunk["choices"][0]
+    if not isinstance(choice, dict) or choice.get("finish_reason") is not None or choice.get("logprobs"):
+        return None
+    delta = choice.get("delta")
+    if not isinstance(delta, dict):
+        return None
+    present = [key for key, value in delta.items() if value is not None]
+    if len(present) == 1 and present[0] in TEXT_FIELDS and isinstance(delta[present[0]], str):
+        return present[0]
+    return None
+
+
+def join_text_deltas(chunks: list[Any]) -> list[Any]:
+    """The chunks with each run of consecutive pieces of the same text (answer or reasoning)
+    joined into its first chunk. Anything else (the role, a finish reason, usage, tool calls,
+    logprobs) stays a chunk of its own, in its place."""
+    joined: list[Any] = []
+    joined_field: str | None = None
+    for chunk in chunks:
+        field = _text_field(chunk)
+        if field is not None and field == joined_field:
+            previous = joined[-1]["choices"][0]
+            if previous.get("index") == chunk["choices"][0].get("index"):
+                # Ours to change: parsed from the response for this stream alone.
+                previous["delta"][field] += chunk["choices"][0]["delta"][field]
+                continue
+        joined.append(chunk)
+        joined_field = field
+    return joined
 
 
 class DeepSeekChat(ChatDeepSeek):
@@ -335,9 +440,9 @@ def make_llm(settings: Settings) -> Runnable | None:
         timeout=timeout,
         # The answer stream retries on its own, and only before the first token (chains/rag.py).
         max_retries=0,
-        # langchain-openai's per-chunk timeout (120 s, above DEEPSEEK_STALL_TIMEOUT) stays on
-        # although the answer stream has its own: only that wrapper closes the HTTP stream at
-        # once when a client leaves mid-answer (with it off, the upstream request ran on).
+        # Off: the answer stream has its own stall and deadline limits (chains/rag.py), and
+        # langchain-openai's per-chunk timeout ran every chunk in a task of its own.
+        stream_chunk_timeout=None,
         stream_usage=True,
         # Explicit: configured copies are rebuilt from every field, and an explicit
         # streaming=False (the default, copied) would turn their streams into one chunk.

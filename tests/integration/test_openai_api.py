@@ -73,6 +73,7 @@ async def test_plain_answer_comes_from_the_llm_with_faq_sources(
 
 
 async def test_streamed_answer_and_usage(faq_db: Settings, embeddings: Any, llm_server: LLMServer) -> None:
+    llm_server.behaviour.token_delay = 0.02  # paced as DeepSeek streams (a burst arrives joined)
     settings = with_llm(faq_db, llm_server)
     async with openai_client(build_app(settings, embeddings)) as client:
         stream = await client.chat.completions.create(

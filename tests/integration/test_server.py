@@ -35,6 +35,7 @@ async def test_invoke_answers_with_sources(faq_db: Settings, embeddings: Any, ll
 async def test_stream_sends_sources_then_tokens(
     faq_db: Settings, embeddings: Any, llm_server: LLMServer
 ) -> None:
+    llm_server.behaviour.token_delay = 0.02  # paced, so that tokens arrive one by one
     async with asgi_client(with_llm(faq_db, llm_server), embeddings) as client:
         response = await client.post("/rag/stream", json={"input": {"question": QUESTION}})
     assert response.status_code == 200

@@ -19,7 +19,7 @@ from loaders.ingest import ingest
 from server import create_app
 from settings import Settings
 from tests.integration.conftest import QUESTION, SECTION, asgi_client, faq_service, serve_in_thread, with_llm
-from tests.llm_server import LLMServer
+from tests.llm_server import LLMServer, tokens
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +51,8 @@ def limits(settings: Settings, **update: Any) -> Settings:
 async def test_stream_sends_sources_then_tokens_then_usage(
     faq_db: Settings, embeddings: Any, llm_server: LLMServer
 ) -> None:
+    # Paced as DeepSeek streams, so that tokens arrive one by one (a burst arrives joined).
+    llm_server.behaviour.token_delay = 0.02
     async with asgi_client(with_llm(faq_db, llm_server), embeddings) as client:
         events = await stream(client, {"input": {"question": QUESTION}})
 
@@ -197,7 +199,8 @@ async def test_a_dropped_stream_is_not_retried_after_tokens(
     async with asgi_client(settings, embeddings) as client:
         events = await stream(client, {"input": {"question": QUESTION}})
     data = [d for name, d in events if name == "data"]
-    assert len([d for d in data if "answer" in d]) == 2
+    answers = [d["answer"] for d in data if "answer" in d]
+    assert "".join(answers) == "".join(tokens(llm_server.behaviour.reply)[:2])
     assert data[-1]["error"]["status_code"] == 502
     name, reason = events[-1]
     assert name == "error" and reason["status_code"] == 502
@@ -214,7 +217,8 @@ async def test_keep_alive_stall_ends_in_an_error_event(
         events = await stream(client, {"input": {"question": QUESTION}})
     name, reason = events[-1]
     assert name == "error" and reason["status_code"] == 504 and "stalled" in reason["message"]
-    assert len([d for n, d in events if n == "data" and "answer" in d]) == 3
+    answers = [d["answer"] for n, d in events if n == "data" and "answer" in d]
+    assert "".join(answers) == "".join(tokens(llm_server.behaviour.reply)[:3])
     assert llm_server.disconnected.wait(10)  # and the upstream request was closed
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 from typing import Any
@@ -19,13 +20,14 @@ from chains.llm import (
     RawChatCompletions,
     describe_llm_error,
     is_retryable,
+    join_text_deltas,
     make_llm,
     retry_after,
     thinking_body,
 )
 from errors import LLMError, RagError
 from settings import Settings
-from tests.llm_server import Behaviour, LLMServer
+from tests.llm_server import Behaviour, LLMServer, tokens
 from tests.unit.fakes import openai_http
 
 BASE_URL = "http://deepseek.invalid/v1"
@@ -411,9 +413,11 @@ async def test_direct_stream_sends_and_reads_what_the_sdk_does(llm_server: LLMSe
     async with direct:
         chunks = [c async for c in direct]
     again = await AsyncRawChatCompletions(root, http).create(**params)
-    assert [c async for c in again] == chunks
+    again_chunks = [c async for c in again]
 
-    assert chunks == typed_chunks and all(type(c) is dict for c in chunks)
+    # Pieces of text that arrived together come joined: compare the streams fully joined.
+    assert all(type(c) is dict for c in chunks)
+    assert join_text_deltas(chunks) == join_text_deltas(again_chunks) == join_text_deltas(typed_chunks)
     sdk_request, direct_request, _ = llm_server.requests
     assert direct_request["path"] == sdk_request["path"] == "/v1/chat/completions?beta=1"
     assert direct_request["body"] == sdk_request["body"]  # extra_body merged the same way
@@ -447,6 +451,84 @@ async def test_direct_stream_parses_sse_as_the_spec_says() -> None:
     assert stream.response.is_closed
     assert json.loads(requests[0].content)["stream"] is True
     await http.aclose()
+
+
+def text_chunk(field: str, text: str, index: int = 0) -> dict[str, Any]:
+    return {"id": "c", "choices": [{"index": index, "delta": {field: text}, "finish_reason": None}]}
+
+
+def test_consecutive_pieces_of_one_text_are_joined_and_nothing_else_is() -> None:
+    role = {"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+    finish = {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    usage = {"id": "c", "choices": [], "usage": {"prompt_tokens": 1}}
+    scored = text_chunk("content", "!")
+    scored["choices"][0]["logprobs"] = {"content": []}
+    chunks = [
+        role,
+        text_chunk("reasoning_content", "Passage "),
+        text_chunk("reasoning_content", "1."),
+        text_chunk("content", "Milvus "),
+        {"id": "c", "choices": [{"index": 0, "delta": {"content": "keeps ", "reasoning_content": None}}]},
+        text_chunk("content", "data", index=1),  # another choice: not the same text
+        scored,
+        text_chunk("content", "."),
+        finish,
+        usage,
+    ]
+    assert join_text_deltas(chunks) == [
+        role,
+        text_chunk("reasoning_content", "Passage 1."),
+        text_chunk("content", "Milvus keeps "),
+        text_chunk("content", "data", index=1),
+        scored,
+        text_chunk("content", "."),
+        finish,
+        usage,
+    ]
+    assert join_text_deltas([]) == []
+
+
+async def test_a_burst_reaches_the_model_joined() -> None:
+    base = {"id": "c", "object": "chat.completion.chunk", "model": "m"}
+    pieces = tokens("Milvus keeps segments in object storage [1].")
+    events = [
+        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        *({**base, "choices": [{"index": 0, "delta": {"content": t}}]} for t in pieces),
+        {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+    ]
+    sse = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events) + b"data: [DONE]\n\n"
+
+    def handler(request: Any) -> Any:  # the whole body at once, as a burst arrives
+        return openai_http.Response(200, headers={"content-type": "text/event-stream"}, content=sse)
+
+    model = DeepSeekChat(
+        model_name="deepseek-v4-flash",
+        api_key=SecretStr("sk-test"),
+        api_base=BASE_URL,
+        http_async_client=openai_http.AsyncClient(transport=openai_http.MockTransport(handler)),
+        max_retries=0,
+        streaming=True,
+    )
+    texts = [str(c.content) async for c in model.astream("hello") if c.content]
+    assert texts == ["".join(pieces)] and len(pieces) > 3
+
+
+async def test_tokens_are_not_held_back_to_be_joined(llm_server: LLMServer) -> None:
+    llm_server.behaviour = Behaviour(reply=REPLY, stall_after=3)  # 3 tokens, then silence
+    expected = "".join(tokens(REPLY)[:3])
+    received = ""
+    stream = served_llm(llm_server).astream("hello")
+    try:
+        async with asyncio.timeout(10):
+            async for chunk in stream:
+                received += str(chunk.content)
+                if received == expected:
+                    break  # all three, while the upstream still holds the rest back
+        assert not llm_server.release.is_set()
+    finally:
+        await stream.aclose()
+        llm_server.release.set()
+    assert received == expected
 
 
 def test_sync_raw_request_matches_the_sdk_request(llm_server: LLMServer) -> None:
