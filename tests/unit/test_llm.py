@@ -531,6 +531,29 @@ async def test_tokens_are_not_held_back_to_be_joined(llm_server: LLMServer) -> N
     assert received == expected
 
 
+async def test_closing_a_stream_mid_answer_ends_it_and_the_upstream_request(llm_server: LLMServer) -> None:
+    llm_server.behaviour = Behaviour(reply=REPLY, stall_after=1)  # one token, then silence
+    root = openai.AsyncOpenAI(base_url=llm_server.url, api_key=llm_server.api_key, max_retries=0)
+    http = httpx.AsyncClient(timeout=30)
+    stream = await AsyncRawChatCompletions(root, http).create(**PARAMS, stream=True)
+    chunks = aiter(stream)
+    try:
+        async with asyncio.timeout(10):
+            text = ""
+            while text != tokens(REPLY)[0]:
+                chunk = await anext(chunks)
+                text += chunk["choices"][0]["delta"].get("content") or ""
+            waiting = asyncio.ensure_future(anext(chunks))  # for a token that never comes
+            await stream.close()
+            with pytest.raises(openai.APIConnectionError):
+                await waiting
+        assert await asyncio.to_thread(llm_server.disconnected.wait, 10)
+    finally:
+        llm_server.release.set()
+        await root.close()
+        await http.aclose()
+
+
 def test_sync_raw_request_matches_the_sdk_request(llm_server: LLMServer) -> None:
     root = openai.OpenAI(base_url=llm_server.url, api_key=llm_server.api_key, max_retries=0)
     typed = root.chat.completions.create(**PARAMS)
