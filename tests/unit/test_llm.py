@@ -488,6 +488,25 @@ def test_consecutive_pieces_of_one_text_are_joined_and_nothing_else_is() -> None
     assert join_text_deltas([]) == []
 
 
+def model_streaming(events: list[Any], done: bool = False) -> DeepSeekChat:
+    """A streaming model whose every request gets `events` as one SSE body (then [DONE])."""
+    sse = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events) + (
+        b"data: [DONE]\n\n" if done else b""
+    )
+
+    def handler(request: Any) -> Any:
+        return openai_http.Response(200, headers={"content-type": "text/event-stream"}, content=sse)
+
+    return DeepSeekChat(
+        model_name="deepseek-v4-flash",
+        api_key=SecretStr("sk-test"),
+        api_base=BASE_URL,
+        http_async_client=openai_http.AsyncClient(transport=openai_http.MockTransport(handler)),
+        max_retries=0,
+        streaming=True,
+    )
+
+
 async def test_a_burst_reaches_the_model_joined() -> None:
     base = {"id": "c", "object": "chat.completion.chunk", "model": "m"}
     pieces = tokens("Milvus keeps segments in object storage [1].")
@@ -496,19 +515,7 @@ async def test_a_burst_reaches_the_model_joined() -> None:
         *({**base, "choices": [{"index": 0, "delta": {"content": t}}]} for t in pieces),
         {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
     ]
-    sse = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events) + b"data: [DONE]\n\n"
-
-    def handler(request: Any) -> Any:  # the whole body at once, as a burst arrives
-        return openai_http.Response(200, headers={"content-type": "text/event-stream"}, content=sse)
-
-    model = DeepSeekChat(
-        model_name="deepseek-v4-flash",
-        api_key=SecretStr("sk-test"),
-        api_base=BASE_URL,
-        http_async_client=openai_http.AsyncClient(transport=openai_http.MockTransport(handler)),
-        max_retries=0,
-        streaming=True,
-    )
+    model = model_streaming(events, done=True)  # the whole body at once, as a burst arrives
     texts = [str(c.content) async for c in model.astream("hello") if c.content]
     assert texts == ["".join(pieces)] and len(pieces) > 3
 
@@ -638,19 +645,7 @@ async def test_an_error_event_mid_stream_still_raises() -> None:
         {**first, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Mil"}}]},
         {"error": {"message": "server overloaded", "type": "server_error"}},
     ]
-    sse = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events)
-
-    def handler(request: Any) -> Any:
-        return openai_http.Response(200, headers={"content-type": "text/event-stream"}, content=sse)
-
-    model = DeepSeekChat(
-        model_name="deepseek-v4-flash",
-        api_key=SecretStr("sk-test"),
-        api_base=BASE_URL,
-        http_async_client=openai_http.AsyncClient(transport=openai_http.MockTransport(handler)),
-        max_retries=0,
-        streaming=True,
-    )
+    model = model_streaming(events)
     assert isinstance(model.async_client, AsyncRawChatCompletions)
     received: list[str] = []
     with pytest.raises(openai.APIError, match="server overloaded"):
