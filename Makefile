@@ -3,15 +3,29 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Every version the tests passed on; installs take them as constraints.
+LOCK := requirements.lock
 
-.PHONY: install serve test lint bench clean
+.PHONY: install upgrade serve test lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c $(LOCK) pip
+	$(BIN)/pip install --quiet -c $(LOCK) -e '.[dev]'
+	touch $(STAMP)
+
+# Move every dependency to its newest release, run the tests, and record the versions in the
+# lock only if they pass (a failure leaves the lock as it was: `make clean install` goes back).
+upgrade:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(BIN)/python -m pytest -q
+	{ sed -n '1,2p' $(LOCK); echo "pip==$$($(BIN)/python -m pip --version | cut -d' ' -f2)"; \
+	  $(BIN)/pip freeze --exclude-editable | sed -E 's/\+cpu$$//'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 	touch $(STAMP)
 
 # A file that fails to ingest is reported, and the server starts anyway.

@@ -19,7 +19,7 @@ EXIT_USAGE = 2
 
 
 def _service(settings: Settings, llm: Any = "auto") -> Any:
-    from chains.service import open_service
+    from service import open_service
 
     return open_service(settings, llm=llm)
 
@@ -37,8 +37,8 @@ def _question(text: str | None, settings: Settings) -> str:
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     """Ingest paths (default: the project's docs/)."""
-    from loaders.ingest import ingest
     from loaders.sources import is_url
+    from store.indexing import ingest
 
     paths = args.paths or [str(PROJECT_DOCS)]
     missing = [p for p in paths if not is_url(p) and not Path(p).expanduser().exists()]
@@ -185,7 +185,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
 
 def cmd_stats(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     """What the collection holds."""
-    from chains.store import collection_stats
+    from store.milvus import collection_stats
 
     service = _service(settings, llm=None)
     try:
@@ -205,7 +205,8 @@ def cmd_eval(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     """Retrieval metrics on a JSONL file, per search mode, optionally against the naive baseline."""
     import tempfile
 
-    from chains.evaluation import NaivePipeline, evaluate, format_table, load_rows
+    from chains.evaluation import evaluate, format_table, load_rows
+    from store.baseline import NaivePipeline
 
     rows = load_rows(args.file)
     modes = ["dense", "sparse", "hybrid"] if args.mode == "all" else [args.mode or settings.search]

@@ -22,7 +22,7 @@ from openai_api import make_openai_router
 from settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from chains.service import RagService
+    from service import RagService
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
         settings = service.settings if service else get_settings()
     # Imported here, after the settings: importing pymilvus reads MILVUS_URI (see settings.py).
     from chains.llm import describe_llm_error
-    from chains.service import open_service
+    from service import open_service
 
     service = service or open_service(settings)
     _run_langserve_callbacks_inline()

@@ -59,7 +59,7 @@ def free_port(host: str = LOOPBACK) -> int:
 
 
 def lite_data_dir(settings: Settings) -> Path:
-    """The directory behind a Milvus Lite MILVUS_URI, resolved as chains.store does."""
+    """The directory behind a Milvus Lite MILVUS_URI, resolved as store.milvus does."""
     return Path(settings.milvus_uri).expanduser().resolve()
 
 

@@ -45,7 +45,7 @@ def compare_indexes(store: object, queries: list[list[float]], path: Path) -> li
     """FLAT against HNSW and IVF_FLAT on the stored chunk vectors: recall@10 and latency."""
     from pymilvus import DataType, MilvusClient
 
-    from chains.store import DENSE_FIELD, PRIMARY_FIELD
+    from store.milvus import DENSE_FIELD, PRIMARY_FIELD
 
     source = store.client  # type: ignore[attr-defined]
     rows: list[dict[str, Any]] = []
@@ -109,8 +109,8 @@ def main() -> None:
     assert args.corpus.is_dir(), f"corpus missing: {args.corpus}"
 
     from chains.evaluation import load_rows, percentile
-    from chains.service import open_service
     from loaders.sources import DocumentSourceLoader
+    from service import open_service
     from settings import Settings
 
     with tempfile.TemporaryDirectory() as folder:

@@ -73,11 +73,12 @@ def section_hits(retrieve: Any, questions: list[tuple[str, Any]]) -> dict[str, f
 def run(
     corpus: str, eval_file: Path, modes: list[str], encoders: list[str], pseudo: int, skip_naive: bool
 ) -> str:
-    from chains.embeddings import make_embeddings
-    from chains.evaluation import NaivePipeline, evaluate, format_table, load_rows
-    from chains.service import open_service
-    from loaders.ingest import ingest
+    from chains.evaluation import evaluate, format_table, load_rows
+    from service import open_service
     from settings import Settings
+    from store.baseline import NaivePipeline
+    from store.embeddings import make_embeddings
+    from store.indexing import ingest
 
     rows = load_rows(eval_file)
     path = CORPORA[corpus]

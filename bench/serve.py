@@ -122,8 +122,8 @@ def bench_settings(db: Path, collection: str, llm_url: str | None) -> Any:
 
 def ingest_faq(db: Path, collection: str) -> tuple[int, Any]:
     """Ingest the FAQ pages with the project's own code: (chunks stored, the loaded model)."""
-    from chains.service import open_service
-    from loaders.ingest import ingest
+    from service import open_service
+    from store.indexing import ingest
 
     service = open_service(bench_settings(db, collection, None), llm=None)
     try:
@@ -520,7 +520,7 @@ def embedding_rows(
     old way, at 2 and 1 threads) against the micro-batcher, quiet and beside CPU burners."""
     import torch
 
-    from chains.embeddings import PymilvusEmbeddings, default_torch_threads
+    from store.embeddings import PymilvusEmbeddings, default_torch_threads
 
     default_threads = default_torch_threads()
     rows = []
@@ -575,7 +575,7 @@ def embedding_rows(
 async def run(args: argparse.Namespace) -> Report:
     import httpx
 
-    from chains.service import open_service
+    from service import open_service
     from tests.llm_server import Behaviour, LLMServer
 
     questions = load_questions(args.questions)

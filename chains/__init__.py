@@ -1,5 +1,1 @@
-"""Retriever, prompt, model and the LCEL chain."""
-
-from settings import import_pymilvus_safely
-
-import_pymilvus_safely()
+"""Retrieval, prompts, the DeepSeek model and the LCEL chain that answers with citations."""

@@ -12,9 +12,10 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import ConfigurableField, Runnable
 from pydantic import ConfigDict, Field
-from pymilvus import MilvusException
 
-from chains.store import (
+from errors import InputError, StoreError
+from settings import SearchMode
+from store.milvus import (
     DENSE_FIELD,
     SPARSE_FIELD,
     SPARSE_SEARCH,
@@ -22,9 +23,8 @@ from chains.store import (
     RagStore,
     dense_search_params,
     escape,
+    one_line,
 )
-from errors import InputError, StoreError
-from settings import SearchMode
 
 # Each list (dense, BM25) contributes this many candidates.
 CANDIDATES = 20
@@ -129,7 +129,7 @@ class MilvusRetriever(BaseRetriever):
 
         if mode == "sparse":  # (Milvus Lite reports BM25 scores negated: abs() above)
             return search(query, SPARSE_FIELD, SPARSE_SEARCH)
-        # One search scores cos(chunk) + 0.5·cos(heading): see chains.store.DENSE_FIELD.
+        # One search scores cos(chunk) + 0.5·cos(heading): see store.milvus.DENSE_FIELD.
         dense = search(
             store.embeddings.embed_query(query), DENSE_FIELD, dense_search_params(store.dense_index_type)
         )
@@ -140,18 +140,6 @@ class MilvusRetriever(BaseRetriever):
         # 46.4 ms in a thread, 44.8 ms in turn), as both want the interpreter and the cores.
         lexical = search(query, SPARSE_FIELD, SPARSE_SEARCH)
         return fuse([(1.0, dense), (BM25_WEIGHT, scale(lexical))])
-
-
-def one_line(exc: BaseException, expr: str = "") -> str:
-    """Milvus's reason for refusing a call, on one line.
-
-    Its filter errors span lines (the expression again, a caret under the fault), and
-    pymilvus wraps the reason as `<MilvusException: (code=N, message=...)>`.
-    """
-    text = str(exc.message if isinstance(exc, MilvusException) else exc)
-    lines = [line.strip() for line in text.splitlines()]
-    kept = [line for line in lines if line and set(line) != {"^"} and line.strip("()") != expr.strip("()")]
-    return "; ".join(kept) or type(exc).__name__
 
 
 def scale(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -13,9 +13,12 @@ from typing import Any
 
 import pytest
 
-from settings import Settings, get_settings
+from settings import Settings, get_settings, import_pymilvus_safely
 from tests.llm_server import LLMServer
 from workers import free_port
+
+# Test modules import pymilvus directly; a Milvus Lite path in MILVUS_URI must not break that.
+import_pymilvus_safely()
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -39,7 +42,7 @@ def eval_file() -> Path:
 @pytest.fixture(scope="session")
 def embeddings() -> Any:
     """The real packaged all-MiniLM-L6-v2, loaded once for the session."""
-    from chains.embeddings import PymilvusEmbeddings
+    from store.embeddings import PymilvusEmbeddings
 
     model = PymilvusEmbeddings("minilm")
     model.embed_query("warm up")

@@ -14,9 +14,9 @@ import httpx
 import pytest
 import uvicorn
 
-from chains.service import RagService, open_service
-from loaders.ingest import ingest
+from service import RagService, open_service
 from settings import Settings
+from store.indexing import ingest
 from tests.llm_server import LLMServer
 
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from chains.embeddings import load_tokenizer, packaged_minilm_path
-from chains.store import PRIMARY_FIELD, make_store
 from loaders.markdown import Chunker, chunk_id, token_counter
 from loaders.sources import DocumentSourceLoader
+from store.embeddings import load_tokenizer, packaged_minilm_path
+from store.milvus import PRIMARY_FIELD, make_store
 
 pytestmark = pytest.mark.integration
 

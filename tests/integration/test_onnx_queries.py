@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from chains.embeddings import PymilvusEmbeddings, packaged_minilm_path
-from chains.onnx_queries import MIN_COSINE_INT8, cache_path, int8_path, load_or_export, supported
+from store.embeddings import PymilvusEmbeddings, packaged_minilm_path
+from store.onnx_queries import MIN_COSINE_INT8, cache_path, int8_path, load_or_export, supported
 
 pytestmark = pytest.mark.integration
 
@@ -149,8 +149,8 @@ def test_embeddings_use_onnx_for_questions_and_skip_torch_when_cached(
 
 
 def test_settings_choose_the_int8_copy_by_default(tmp_path: Path, embeddings: Any) -> None:
-    from chains.embeddings import make_embeddings
     from settings import Settings
+    from store.embeddings import make_embeddings
 
     for encoder, backend in (("onnx-int8", "onnx-int8"), ("onnx", "onnx"), ("torch", "torch")):
         values: dict[str, Any] = {"RAG_CACHE_DIR": str(tmp_path)}

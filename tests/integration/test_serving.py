@@ -15,9 +15,9 @@ from langserve import RemoteRunnable
 
 from chains.llm import make_llm
 from chains.prompts import SYSTEM_PROMPT
-from loaders.ingest import ingest
 from server import create_app
 from settings import Settings
+from store.indexing import ingest
 from tests.integration.conftest import QUESTION, SECTION, asgi_client, faq_service, serve_in_thread, with_llm
 from tests.llm_server import LLMServer, tokens
 

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from chains.embeddings import PymilvusEmbeddings
 from chains.retrieval import make_retriever
-from chains.store import collection_stats, make_store
 from errors import InputError, StoreError
-from loaders.ingest import ingest
 from loaders.markdown import Chunker, token_counter
+from store.embeddings import PymilvusEmbeddings
+from store.indexing import ingest
+from store.milvus import collection_stats, make_store
 
 pytestmark = pytest.mark.integration
 
@@ -138,7 +138,7 @@ def test_collection_with_another_dimension_is_refused(
 ) -> None:
     from langchain_core.embeddings import DeterministicFakeEmbedding
 
-    from chains.store import RagStore
+    from store.milvus import RagStore
 
     settings = make_settings(MILVUS_URI=milvus_uri)
     small = PymilvusEmbeddings("minilm")
@@ -166,7 +166,7 @@ def test_collection_of_the_two_vector_layout_is_refused(make_settings: Any, milv
     from langchain_core.embeddings import DeterministicFakeEmbedding
     from langchain_milvus import BM25BuiltInFunction, Milvus
 
-    from chains.store import SPARSE_INDEX, connection_args
+    from store.milvus import SPARSE_INDEX, connection_args
 
     settings = make_settings(MILVUS_URI=milvus_uri)
     fake = DeterministicFakeEmbedding(size=384)
@@ -196,8 +196,8 @@ def test_collection_of_the_two_vector_layout_is_refused(make_settings: Any, milv
 def test_dense_score_is_chunk_plus_half_heading_similarity(
     setup: Any, embeddings: PymilvusEmbeddings
 ) -> None:
-    from chains.store import HEAD_WEIGHT
     from loaders.markdown import heading_text
+    from store.milvus import HEAD_WEIGHT
 
     _, _, store, chunker, root = setup
     ingest([str(root)], store, chunker, progress=False)
@@ -218,7 +218,7 @@ def test_dense_score_is_chunk_plus_half_heading_similarity(
 
 
 def test_lite_files_are_searched_in_process_with_the_hits_of_grpc(setup: Any) -> None:
-    from chains.store import DENSE_FIELD, DENSE_SEARCH, OUTPUT_FIELDS, SPARSE_FIELD, SPARSE_SEARCH
+    from store.milvus import DENSE_FIELD, DENSE_SEARCH, OUTPUT_FIELDS, SPARSE_FIELD, SPARSE_SEARCH
 
     settings, model, store, chunker, root = setup
     ingest([str(root)], store, chunker, progress=False)

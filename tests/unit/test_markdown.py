@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from langchain_core.documents import Document
 
-from chains.embeddings import load_tokenizer, packaged_minilm_path
 from loaders.markdown import (
     Chunker,
     chunk_id,
@@ -19,6 +18,7 @@ from loaders.markdown import (
     split_sections,
     token_counter,
 )
+from store.embeddings import load_tokenizer, packaged_minilm_path
 
 CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
 FAQ_FILES = ["operational_faq.md", "performance_faq.md", "product_faq.md", "troubleshooting.md"]

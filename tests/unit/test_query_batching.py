@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from chains.embeddings import PymilvusEmbeddings, QueryBatcher
 from errors import EmbeddingError
+from store.embeddings import PymilvusEmbeddings, QueryBatcher
 
 TIMEOUT = 10.0  # seconds; only reached when something is broken
 

@@ -19,8 +19,8 @@ from chains.retrieval import (
     scale,
     to_document,
 )
-from chains.store import RagStore
 from errors import InputError, StoreError
+from store.milvus import RagStore
 
 
 @pytest.mark.parametrize(
@@ -293,7 +293,7 @@ def test_to_document_handles_flat_hits() -> None:
 
 
 def test_lite_engine_lookup_falls_back_to_grpc(make_settings: Any, tmp_path: Any) -> None:
-    from chains.store import lite_database
+    from store.milvus import lite_database
 
     # A server URI is always searched over gRPC; so is a Lite file this process hasn't opened.
     assert lite_database(make_settings(MILVUS_URI="http://127.0.0.1:19530")) is None

@@ -10,13 +10,13 @@ from typing import Any
 
 from langchain_core.runnables import Runnable
 
-from chains.embeddings import PymilvusEmbeddings, load_tokenizer, make_embeddings
 from chains.rag import AnswerPolicy, build_chat_chain, build_rag_chain
 from chains.retrieval import MilvusRetriever, make_retriever, per_request_settings
-from chains.store import RagStore, make_store
 from errors import StoreError
 from loaders.markdown import Chunker, token_counter
 from settings import Settings
+from store.embeddings import PymilvusEmbeddings, load_tokenizer, make_embeddings
+from store.milvus import RagStore, make_store
 
 log = logging.getLogger(__name__)
 

@@ -7,14 +7,15 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from langchain_milvus import BM25BuiltInFunction, Milvus
-from pymilvus import DataType, MilvusClient
-
-from chains.embeddings import PymilvusEmbeddings
 from errors import StoreError
-from settings import Settings
+from settings import Settings, import_pymilvus_safely
+from store.embeddings import PymilvusEmbeddings
+
+if TYPE_CHECKING:
+    from langchain_milvus import Milvus
+    from pymilvus import MilvusClient
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,23 @@ HEAD_WEIGHT = 0.5
 LEGACY_HEAD_FIELD = "head"
 SPARSE_FIELD = "sparse"  # BM25, filled by Milvus from the text
 PRIMARY_FIELD = "pk"
-METADATA_SCHEMA: dict[str, Any] = {
-    "source": {"dtype": DataType.VARCHAR, "kwargs": {"max_length": 2048}},
-    "root": {"dtype": DataType.VARCHAR, "kwargs": {"max_length": 2048}},
-    "headers": {
-        "dtype": DataType.ARRAY,
-        "kwargs": {"element_type": DataType.VARCHAR, "max_capacity": 16, "max_length": 1024},
-    },
-    "chunk_index": {"dtype": DataType.INT64, "kwargs": {}},
-}
+
+
+def metadata_schema() -> dict[str, Any]:
+    """The scalar fields stored beside each chunk, in langchain-milvus's `metadata_schema` form."""
+    from pymilvus import DataType
+
+    return {
+        "source": {"dtype": DataType.VARCHAR, "kwargs": {"max_length": 2048}},
+        "root": {"dtype": DataType.VARCHAR, "kwargs": {"max_length": 2048}},
+        "headers": {
+            "dtype": DataType.ARRAY,
+            "kwargs": {"element_type": DataType.VARCHAR, "max_capacity": 16, "max_length": 1024},
+        },
+        "chunk_index": {"dtype": DataType.INT64, "kwargs": {}},
+    }
+
+
 # langchain-milvus's defaults for a BM25 field (`drop_ratio_build` in the search params,
 # metric IP) are rejected by Milvus Lite: it wants SPARSE_INVERTED_INDEX with metric BM25.
 # IP, not COSINE: the stored vectors are not unit length (see DENSE_FIELD), and IP also
@@ -267,6 +276,9 @@ def check_collection(client: MilvusClient, collection: str, embeddings: Pymilvus
 
 def make_store(settings: Settings, embeddings: PymilvusEmbeddings) -> RagStore:
     """Open (never drop) the collection that settings name; it is created on first ingest."""
+    import_pymilvus_safely()
+    from langchain_milvus import BM25BuiltInFunction, Milvus
+
     try:
         vectorstore = Milvus(
             embedding_function=embeddings,
@@ -286,7 +298,7 @@ def make_store(settings: Settings, embeddings: PymilvusEmbeddings) -> RagStore:
             builtin_function=BM25BuiltInFunction(
                 input_field_names=TEXT_FIELD, output_field_names=SPARSE_FIELD
             ),
-            metadata_schema=METADATA_SCHEMA,
+            metadata_schema=metadata_schema(),
         )
     except StoreError:
         raise
@@ -300,6 +312,20 @@ def make_store(settings: Settings, embeddings: PymilvusEmbeddings) -> RagStore:
     return RagStore(
         vectorstore, settings.collection, embeddings, settings, lite_engine=lite_database(settings)
     )
+
+
+def one_line(exc: BaseException, expr: str = "") -> str:
+    """Milvus's reason for refusing a call, on one line.
+
+    Its filter errors span lines (the expression again, a caret under the fault), and
+    pymilvus wraps the reason as `<MilvusException: (code=N, message=...)>`.
+    """
+    from pymilvus import MilvusException
+
+    text = str(exc.message if isinstance(exc, MilvusException) else exc)
+    lines = [line.strip() for line in text.splitlines()]
+    kept = [line for line in lines if line and set(line) != {"^"} and line.strip("()") != expr.strip("()")]
+    return "; ".join(kept) or type(exc).__name__
 
 
 def escape(value: str) -> str:

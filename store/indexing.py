@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 from langchain_core.documents import Document
 from tqdm import tqdm
 
-from chains.store import PRIMARY_FIELD, RagStore, dense_vector, escape
 from loaders.markdown import Chunker, chunk_id, heading_text
 from loaders.sources import DEFAULT_MAX_BYTES, DocumentSourceLoader, Skipped
+from store.milvus import PRIMARY_FIELD, RagStore, dense_vector, escape
 
 T = TypeVar("T")
 

@@ -219,7 +219,7 @@ class PymilvusEmbeddings(Embeddings):
         self.spec = spec
         # Where the ONNX export of the model for questions is kept; None: questions on torch.
         self.onnx_cache_dir = onnx_cache_dir
-        # Questions through the export's int8 copy (see chains/onnx_queries.py).
+        # Questions through the export's int8 copy (see store/onnx_queries.py).
         self.onnx_int8 = onnx_int8
         self._onnx: Any = None
         self._onnx_tried = False
@@ -344,7 +344,7 @@ class PymilvusEmbeddings(Embeddings):
         # A function given to the constructor (tests, custom models) is used as it is.
         if self.onnx_cache_dir is None or self.model_dir is None or self._injected:
             return None
-        from chains.onnx_queries import load_or_export
+        from store.onnx_queries import load_or_export
 
         return load_or_export(
             self.model_dir,
