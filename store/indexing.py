@@ -66,6 +66,25 @@ class IngestReport:
         )
 
 
+def write_chunks(store: RagStore, items: list[tuple[str, Document]]) -> None:
+    """Embed chunks with the store's model and write them under the given ids."""
+    if not items:
+        return
+    texts = [d.page_content for _, d in items]
+    embed = store.embeddings.embed_documents
+    vectors = embed(texts)
+    # Chunks of one section share their heading: embed each distinct heading once.
+    headings = [heading_text(d) for _, d in items]
+    distinct = sorted(set(headings))
+    by_heading = dict(zip(distinct, embed(distinct), strict=True))
+    store.vectorstore.add_embeddings(
+        texts,
+        [dense_vector(v, by_heading[h]) for v, h in zip(vectors, headings, strict=True)],
+        [d.metadata for _, d in items],
+        ids=[i for i, _ in items],
+    )
+
+
 class _Writer:
     """Buffers new chunks, embeds them in batches and writes them, then runs deletes."""
 
@@ -84,21 +103,8 @@ class _Writer:
 
     def flush(self) -> None:
         if self.pending:
-            ids = [i for i, _ in self.pending]
-            texts = [d.page_content for _, d in self.pending]
-            embed = self.store.embeddings.embed_documents
-            vectors = embed(texts)
-            # Chunks of one section share their heading: embed each distinct heading once.
-            headings = [heading_text(d) for _, d in self.pending]
-            distinct = sorted(set(headings))
-            by_heading = dict(zip(distinct, embed(distinct), strict=True))
-            self.store.vectorstore.add_embeddings(
-                texts,
-                [dense_vector(v, by_heading[h]) for v, h in zip(vectors, headings, strict=True)],
-                [d.metadata for _, d in self.pending],
-                ids=ids,
-            )
-            self.bar.set_postfix_str(f"{len(ids)} chunks embedded", refresh=False)
+            write_chunks(self.store, self.pending)
+            self.bar.set_postfix_str(f"{len(self.pending)} chunks embedded", refresh=False)
             self.pending = []
         # Deletes only after the replacing chunks are stored: see the module docstring.
         self.delete(self.pending_deletes)
