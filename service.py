@@ -38,6 +38,8 @@ class RagService:
     _store: RagStore | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _checked_at: float = 0.0
+    # The model RAG_EMBEDDING names; `embeddings` is the one the serving collection was built with.
+    _base_embeddings: PymilvusEmbeddings | None = None
     # Stores replaced by a switch: searches begun on them may still run; closed with the service.
     _retired: list[RagStore] = field(default_factory=list)
     retriever: MilvusRetriever = field(init=False)
@@ -48,6 +50,7 @@ class RagService:
     chat_chain: Runnable = field(init=False)
 
     def __post_init__(self) -> None:
+        self._base_embeddings = self.embeddings
         self.retriever = make_retriever(
             self.get_store, self.settings.top_k, self.settings.search, self.settings.max_k
         )
@@ -88,8 +91,10 @@ class RagService:
         return store
 
     def embeddings_for(self, record: CollectionRecord | None) -> PymilvusEmbeddings:
-        """The model a collection was built with: ours, or the tuned one it names."""
-        if record is None or not record.tuned or record.embedding_model in (None, self.embeddings.name):
+        """The model a collection was built with: RAG_EMBEDDING's, or the tuned one it names."""
+        if record is None or not record.tuned or record.embedding_model is None:
+            return self._base_embeddings or self.embeddings
+        if record.embedding_model == self.embeddings.name:
             return self.embeddings
         from store.tuning import missing_model_error, tuned_model_dir
 

@@ -307,6 +307,7 @@ def train_model(
     from sentence_transformers.sentence_transformer.training_args import (
         SentenceTransformerTrainingArguments,
     )
+    from transformers import PrinterCallback
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -339,6 +340,8 @@ def train_model(
         loss=MultipleNegativesRankingLoss(model),
         callbacks=[bar.callback()],
     )
+    # It prints every log line to stdout when the trainer's own bar is off; ours shows the loss.
+    trainer.remove_callback(PrinterCallback)
     try:
         trainer.train()
     finally:
