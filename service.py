@@ -295,7 +295,7 @@ def tune_collection(
             collection=settings.collection,
             created=tuning.now(),
             seconds=round(seconds["training"], 1),
-            config={k: v for k, v in vars(config).items()},
+            config={**vars(config), "epochs": config.epochs_for(len(mined.train))},
             data=mined.summary(),
             generated_questions=sum(len(v) for v in (generated or {}).values()),
         )
@@ -330,7 +330,7 @@ def tune_collection(
 
         step = time.perf_counter()
         held_out = [EvalRow(f"held-out-{n}", *row) for n, row in enumerate(tuning.as_rows(mined.holdout))]
-        sets = {"held-out pairs": held_out}
+        sets = {"held-out sentences": held_out}
         if eval_rows:
             sets[Path(eval_file or "").name] = eval_rows
         before: dict[str, dict[str, Any]] = {}

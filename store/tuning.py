@@ -42,7 +42,7 @@ from langchain_core.documents import Document
 from tqdm import tqdm
 
 from errors import EmbeddingError, InputError
-from loaders.markdown import HEADING_SEPARATOR, heading_path
+from loaders.markdown import heading_path
 from store.indexing import write_chunks
 from store.milvus import PRIMARY_FIELD, TEXT_FIELD, RagStore
 
@@ -76,7 +76,6 @@ class MinedPairs:
     holdout: list[Pair]
     chunks: int
     sections: int
-    holdout_sections: int
 
     def summary(self) -> dict[str, Any]:
         """What the training data was, for the model's record and the collection."""
@@ -88,7 +87,6 @@ class MinedPairs:
             "sections": self.sections,
             "train_pairs": len(self.train),
             "pairs_by_kind": dict(sorted(by_kind.items())),
-            "holdout_sections": self.holdout_sections,
             "holdout_pairs": len(self.holdout),
         }
 
@@ -97,18 +95,34 @@ class MinedPairs:
 class TuneConfig:
     """How the model is trained. The defaults are the measured ones (docs/benchmarks.md)."""
 
-    epochs: float = 1.0
+    # Passes over the training pairs: enough for `target_passes` pair-passes, within these bounds
+    # (a small corpus gets more epochs of its few pairs; the docs corpus about two).
+    epochs: float | None = None
+    min_epochs: float = 1.0
+    max_epochs: float = 6.0
+    target_passes: int = 4000
     batch_size: int = 32
     learning_rate: float = 3e-5
     # Passages are cut to this many tokens while training only (they are embedded whole).
     max_seq_length: int = 256
-    # Sections whose pairs are kept out of training, to measure before and after on.
+    # Held-out sentences (one per sampled chunk, never a training query) for the before/after check.
     holdout_share: float = 0.1
+    min_holdout: int = 20
     max_holdout: int = 200
-    # At most this many training pairs (0: all), drawn evenly from every kind.
+    # At most this many training pairs (0: all).
     max_pairs: int = 0
     seed: int = 0
-    kinds: tuple[str, ...] = ("heading", "question", "title", "span")
+    kinds: tuple[str, ...] = ("heading", "question", "inline")
+    # A heading or a bold line phrased as a question is the nearest thing to a user's question
+    # that a corpus holds: its pair is repeated this many times.
+    question_repeats: int = 3
+
+    def epochs_for(self, pairs: int) -> float:
+        """The epochs to train `pairs` pairs for."""
+        if self.epochs is not None:
+            return self.epochs
+        wanted = self.target_passes / max(pairs, 1)
+        return round(min(self.max_epochs, max(self.min_epochs, wanted)), 2)
 
 
 def chunk_body(chunk: Document) -> str:
@@ -168,29 +182,40 @@ def _sentences(text: str) -> list[str]:
     ]
 
 
+INLINE_QUESTION = re.compile(r"\*\*([^*\n]{10,200}\?)\*\*")
+
+
+def is_question(text: str) -> bool:
+    """Whether a heading is phrased as a question."""
+    return text.rstrip().endswith("?")
+
+
 def mine_pairs(
     chunks: list[Document],
     config: TuneConfig | None = None,
     generated: dict[str, list[str]] | None = None,
 ) -> MinedPairs:
-    """Training pairs from the corpus's structure; a seeded slice of sections held out.
+    """Training pairs from the corpus's structure, and held-out sentences to check on.
 
     Kinds (config.kinds):
-    - `heading`: heading path → the section's first chunk, without its headings;
-    - `question`: the deepest heading alone, when it is specific (not "Overview") → same;
+    - `heading`: a section's heading path → its first chunk, without the headings;
+    - `question`: a heading phrased as a question → the same (repeated, see TuneConfig);
+    - `inline`: a bold question inside a chunk (`**Can I ...?**`) → that chunk (repeated);
+    - `subheading`: a specific deepest heading ("Range search", not "Overview") → the same;
     - `title`: a page's title → its first section;
-    - `span`: one sentence of a chunk → that chunk, the sentence's words left in place;
-    - `generated`: questions written for a chunk (doc2query) → that chunk.
+    - `span`: one sentence of a chunk → the chunk without it;
+    - `generated`: questions written for a chunk (doc2query, `generated` by chunk id) → the chunk.
 
-    `generated` maps chunk ids to their generated questions.
+    Held out: one sentence each from a seeded sample of chunks (a tenth, 20 to 200), scored
+    by whether their section comes back; no training pair asks them.
     """
     config = config or TuneConfig()
     rng = random.Random(config.seed)
-    sections: dict[tuple[str, tuple[str, ...]], list[Document]] = defaultdict(list)
     # Document order: a page's first section first.
     ordered = sorted(
         chunks, key=lambda c: (str(c.metadata.get("source", "")), c.metadata.get("chunk_index") or 0)
     )
+    sections: dict[tuple[str, tuple[str, ...]], list[Document]] = defaultdict(list)
     for chunk in ordered:
         key = (str(chunk.metadata.get("source", "")), tuple(chunk.metadata.get("headers") or []))
         sections[key].append(chunk)
@@ -200,41 +225,56 @@ def mine_pairs(
             pages_with[headers[-1].casefold()].add(source)
     generic = {h for h, pages in pages_with.items() if len(pages) >= GENERIC_HEADING_PAGES}
 
-    keys = list(sections)
-    held = set(rng.sample(sorted(keys), min(config.max_holdout, int(len(keys) * config.holdout_share))))
+    sentences = {str(c.id): _sentences(chunk_body(c)) for c in ordered}
+    # Held-out sentences are scored by their section's deepest heading: chunks with headings only.
+    candidates = sorted(str(c.id) for c in ordered if sentences[str(c.id)] and c.metadata.get("headers"))
+    size = max(config.min_holdout, int(len(chunks) * config.holdout_share))
+    held = set(rng.sample(candidates, min(size, config.max_holdout, len(candidates))))
+    holdout: list[Pair] = []
     pairs: list[Pair] = []
+    repeats = max(1, config.question_repeats)
     titled: set[str] = set()
-    for key in keys:
-        source, headers = key
-        members = sections[key]
+    for (source, headers), members in sections.items():
         first = members[0]
         body = chunk_body(first)
         if headers and body.strip():
             if "heading" in config.kinds:
                 pairs.append(Pair(heading_path(list(headers)), body, "heading", source, headers))
-            if "question" in config.kinds and len(headers) > 1 and headers[-1].casefold() not in generic:
-                pairs.append(Pair(headers[-1], body, "question", source, headers))
+            if "question" in config.kinds and is_question(headers[-1]):
+                pairs += [Pair(headers[-1], body, "question", source, headers)] * repeats
+            if (
+                "subheading" in config.kinds
+                and len(headers) > 1
+                and not is_question(headers[-1])
+                and headers[-1].casefold() not in generic
+            ):
+                pairs.append(Pair(headers[-1], body, "subheading", source, headers))
             if "title" in config.kinds and source not in titled:
-                # The page's first section; when that is the title's own text, the heading
-                # pair above is this pair already.
                 titled.add(source)
+                # When the first section is the title's own text, the heading pair is this one.
                 if len(headers) > 1:
                     pairs.append(Pair(headers[0], body, "title", source, headers))
         for chunk in members:
-            if "span" in config.kinds:
-                candidates = _sentences(chunk_body(chunk))
-                if candidates:
-                    pairs.append(Pair(rng.choice(candidates), chunk.page_content, "span", source, headers))
-            for question in (generated or {}).get(str(chunk.id), []):
-                pairs.append(Pair(question, chunk.page_content, "generated", source, headers))
-    train = [p for p in pairs if (p.source, p.headers) not in held]
-    holdout = [p for p in pairs if (p.source, p.headers) in held]
-    rng.shuffle(train)
-    if config.max_pairs and len(train) > config.max_pairs:
-        train = train[: config.max_pairs]
-    return MinedPairs(
-        train=train, holdout=holdout, chunks=len(chunks), sections=len(keys), holdout_sections=len(held)
-    )
+            pk = str(chunk.id)
+            if "inline" in config.kinds:
+                for match in INLINE_QUESTION.finditer(chunk.page_content):
+                    pairs += [Pair(match.group(1), chunk_body(chunk), "inline", source, headers)] * repeats
+            if pk in held:
+                sentence = rng.choice(sentences[pk])
+                holdout.append(Pair(sentence, chunk.page_content, "held-out", source, headers))
+            elif "span" in config.kinds and sentences[pk]:
+                sentence = rng.choice(sentences[pk])
+                rest = chunk_body(chunk).replace(sentence, " ", 1)
+                pairs.append(Pair(sentence, rest, "span", source, headers))
+            for question in (generated or {}).get(pk, []):
+                pairs.append(Pair(question, chunk_body(chunk), "generated", source, headers))
+    # A held-out sentence is never a training query, wherever else it appears (copied pages).
+    asked = {p.anchor for p in holdout}
+    pairs = [p for p in pairs if p.anchor not in asked]
+    rng.shuffle(pairs)
+    if config.max_pairs and len(pairs) > config.max_pairs:
+        pairs = pairs[: config.max_pairs]
+    return MinedPairs(train=pairs, holdout=holdout, chunks=len(chunks), sections=len(sections))
 
 
 def base_model_dir(model_dir: Path | None, spec: str) -> Path:
@@ -294,15 +334,18 @@ def train_model(
     work_dir: Path,
     progress: bool = True,
 ) -> Any:
-    """A SentenceTransformer trained from `base_dir` on `pairs` (MultipleNegativesRankingLoss:
-    each anchor against its own passage and every other passage of its batch)."""
+    """A SentenceTransformer trained from `base_dir` on `pairs`.
+
+    The loss is in-batch negatives both ways (MultipleNegativesSymmetricRankingLoss): each
+    anchor against every passage of its batch, and each passage against every anchor.
+    """
     if not pairs:
         raise InputError("no training pairs: the collection holds no sections with headings to learn from")
     import transformers
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.sampler import BatchSamplers
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesSymmetricRankingLoss
     from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
     from sentence_transformers.sentence_transformer.training_args import (
         SentenceTransformerTrainingArguments,
@@ -319,7 +362,7 @@ def train_model(
     )
     args = SentenceTransformerTrainingArguments(
         output_dir=str(work_dir),
-        num_train_epochs=config.epochs,
+        num_train_epochs=config.epochs_for(len(pairs)),
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate,
         warmup_steps=0.1,
@@ -337,7 +380,7 @@ def train_model(
         model=model,
         args=args,
         train_dataset=dataset,
-        loss=MultipleNegativesRankingLoss(model),
+        loss=MultipleNegativesSymmetricRankingLoss(model),
         callbacks=[bar.callback()],
     )
     # It prints every log line to stdout when the trainer's own bar is off; ours shows the loss.
@@ -485,19 +528,3 @@ def as_rows(pairs: Iterable[Pair]) -> list[tuple[str, str, str]]:
         if pair.headers:
             rows.append((pair.anchor, Path(pair.source).name, pair.headers[-1]))
     return rows
-
-
-__all__ = [
-    "HEADING_SEPARATOR",
-    "MinedPairs",
-    "Pair",
-    "TuneConfig",
-    "base_model_dir",
-    "catch_up",
-    "chunk_body",
-    "mine_pairs",
-    "read_chunks",
-    "save_model",
-    "train_model",
-    "tuned_model_dir",
-]

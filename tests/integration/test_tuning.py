@@ -63,7 +63,7 @@ def test_tune_switches_to_the_tuned_model_ingest_uses_it_and_rollback_returns(
     result = rag(["tune", *QUICK, "--force", "--eval", str(eval_file)], env)
     assert result.returncode == 0, result.stderr
     assert "tune: training" in result.stderr and "tune: re-embedding" in result.stderr  # the bars
-    assert "| held-out pairs |" in result.stdout and "| dev.jsonl | 36 |" in result.stdout
+    assert "| held-out sentences |" in result.stdout and "| dev.jsonl | 36 |" in result.stdout
     assert "→" in result.stdout and "switched: rag_docs is now served by rag_docs__ft_" in result.stdout
 
     stats = json.loads(rag(["stats", "--json"], env).stdout)
@@ -190,8 +190,8 @@ def test_a_worse_model_is_not_switched_to_unless_forced_and_a_running_service_fo
     # A learning rate this high wrecks the weights in a few steps.
     wrecked = TuneConfig(max_pairs=32, batch_size=8, learning_rate=5e-3)
     report = tune_collection(settings, config=wrecked, progress=False)
-    assert not report.switched and report.reason.startswith("worse on held-out pairs")
-    assert report.after["held-out pairs"]["mrr@10"] < report.before["held-out pairs"]["mrr@10"]
+    assert not report.switched and report.reason.startswith("worse on held-out sentences")
+    assert report.after["held-out sentences"]["mrr@10"] < report.before["held-out sentences"]["mrr@10"]
     client = MilvusClient(settings.milvus_uri)
     try:
         assert not client.has_collection(report.built), "the rejected collection is dropped"
