@@ -108,7 +108,6 @@ def describe_store(stats: dict[str, Any] | None, problem: str | None, settings: 
         rows += [
             ("Collection", f"<code>{html.escape(stats['collection'])}</code>"),
             ("Chunks", f'<span id="chunk-count">{stats["total_chunks"]}</span>'),
-            ("Sources", str(len(stats["sources"]))),
             ("Embedding model", html.escape(str(stats["embedding_model"]))),
         ]
     rows.append(("LLM", describe_llm(settings)))
@@ -141,6 +140,9 @@ def home_page(service: RagService, signed_in: bool) -> HTMLResponse:
         stats = collection_stats(service.get_store())
     except RagError as exc:
         problem = str(exc)
+    except Exception as exc:  # the connection broke after opening: the page still says why
+        log.warning("the first page could not read the collection: %s", exc)
+        problem = f"Milvus stopped answering: {exc}"
     sign_out = (
         '<form class="inline" method="post" action="/logout"><button type="submit">Sign out</button></form>'
         if signed_in
@@ -179,12 +181,12 @@ def make_pages_router(service: RagService) -> APIRouter:
 
     # A plain `def`: counting sources queries Milvus, which blocks; FastAPI runs it in a thread.
     @router.get("/", response_class=HTMLResponse)
-    def index(request: Request, failed: int = 0) -> Response:
+    def index(request: Request, failed: bool = False) -> Response:
         if not keys:
             return home_page(service, signed_in=False)
         if valid_key(presented_key(request), keys):
             return home_page(service, signed_in=True)
-        return sign_in_page(failed=bool(failed))
+        return sign_in_page(failed)
 
     @router.post("/login")
     async def login(request: Request) -> Response:

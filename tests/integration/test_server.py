@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import html
 import json
 import socket
 from collections.abc import Iterator
@@ -136,9 +137,23 @@ async def test_health_is_503_when_milvus_is_unreachable(make_settings: Any, embe
     ):
         health = await client.get("/health")
         answer = await client.post("/rag/invoke", json={"input": {"question": QUESTION}})
+        first_page = await client.get("/")
     assert health.status_code == 503 and health.json()["status"] == "down"
     assert "Milvus" in health.json()["error"]
     assert answer.status_code == 503 and "Milvus" in answer.json()["detail"]
+    # The first page still opens, and says why there is nothing to show.
+    assert first_page.status_code == 200 and 'role="alert"' in first_page.text
+    assert html.escape(health.json()["error"]) in first_page.text
+
+
+async def test_first_page_says_what_to_run_when_nothing_is_ingested(
+    make_settings: Any, embeddings: Any
+) -> None:
+    async with asgi_client(make_settings(), embeddings, llm=None) as client:
+        first_page = await client.get("/")
+    assert first_page.status_code == 200
+    assert "Nothing is ingested yet" in first_page.text and "rag ingest" in first_page.text
+    assert 'id="chunk-count">0<' in first_page.text
 
 
 @pytest.fixture
