@@ -45,7 +45,9 @@ def server(faq_db: Settings, embeddings: Any, _llm_server: LLMServer) -> Iterato
         yield url
 
 
-@pytest.fixture(scope="session")
+# Module scope: Playwright's sync API keeps an event loop running in this thread while it is
+# open, and the async tests of the other modules need the thread without one.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     assert CHROMIUM.is_file(), f"no Chromium at {CHROMIUM}: `make test` installs it (Debian's chromium)"
     with sync_playwright() as playwright:
