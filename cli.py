@@ -167,7 +167,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
         import workers
 
         print(
-            f"serving on http://{host}:{port} with {args.workers} workers (playground: /rag/playground/)",
+            f"serving on http://{host}:{port} with {args.workers} workers (open it in a browser)",
             file=out,
             flush=True,
         )
@@ -178,7 +178,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
 
     from server import create_app
 
-    print(f"serving on http://{host}:{port} (playground: /rag/playground/)", file=out, flush=True)
+    print(f"serving on http://{host}:{port} (open it in a browser)", file=out, flush=True)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     return 0
 

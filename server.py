@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -14,11 +13,12 @@ import openai
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from langserve import add_routes
-from starlette.datastructures import Headers
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from errors import STREAM_ERRORS, LLMError, RagError
 from openai_api import make_openai_router
+from pages import OPEN_PATHS, make_pages_router, presented_key, valid_key
 from settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -85,14 +85,17 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        report = service.health()
-        ok = report["milvus"]
-        report["status"] = "ok" if ok and report["collection"] else ("empty" if ok else "down")
-        return JSONResponse(status_code=200 if ok else 503, content=report)
+        status_code, report = health_report(service)
+        if settings.api_key_list:  # open to anyone then: the status alone, no paths or names
+            report = {"status": report["status"]}
+        return JSONResponse(status_code=status_code, content=report)
 
-    @app.get("/", include_in_schema=False)
-    async def index() -> RedirectResponse:
-        return RedirectResponse("/rag/playground/")
+    @app.get("/health/details")
+    async def health_details() -> JSONResponse:
+        status_code, report = health_report(service)
+        return JSONResponse(status_code=status_code, content=report)
+
+    app.include_router(make_pages_router(service))
 
     add_routes(app, service.chain, path="/rag")
     add_routes(app, service.chat_chain, path="/chat", playground_type="chat")
@@ -101,27 +104,41 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
     return app
 
 
+def health_report(service: RagService) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and the report of /health/details: 503 while Milvus is unreachable."""
+    report = service.health()
+    ok = report["milvus"]
+    report["status"] = "ok" if ok and report["collection"] else ("empty" if ok else "down")
+    return (200 if ok else 503), report
+
+
 class ApiKeyMiddleware:
-    """Bearer-token auth on every route but /health, before any route runs: a bad key
-    never reaches Milvus or DeepSeek, and the key is never logged."""
+    """API-key auth on every route but /health and the first page's sign-in, before any
+    route runs: a bad key never reaches Milvus or DeepSeek, and the key is never logged.
+    The key comes as `Authorization: Bearer <key>`, or from a browser that signed in on `/`."""
 
     def __init__(self, app: ASGIApp, keys: list[str]) -> None:
         self.app = app
-        self.keys = [key.encode() for key in keys]
+        self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health":
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        header = Headers(scope=scope).get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        given = token.strip().encode()
-        if scheme.lower() == "bearer" and any(hmac.compare_digest(given, k) for k in self.keys):
+        connection = HTTPConnection(scope)
+        if valid_key(presented_key(connection), self.keys):
             await self.app(scope, receive, send)
+            return
+        if scope["method"] == "GET" and "text/html" in connection.headers.get("accept", ""):
+            # A person in a browser (a playground, /docs): to the page that asks for the key.
+            await RedirectResponse("/", status_code=303)(scope, receive, send)
             return
         response = JSONResponse(
             status_code=401,
-            content={"detail": "missing or invalid API key: send Authorization: Bearer <key>"},
+            content={
+                "detail": "missing or invalid API key: send Authorization: Bearer <key> "
+                "(in a browser, sign in on the first page, /)"
+            },
             headers={"WWW-Authenticate": "Bearer"},
         )
         await response(scope, receive, send)

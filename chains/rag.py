@@ -8,10 +8,11 @@ import contextlib
 import enum
 import random
 import threading
+import types
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from langchain_core.documents import Document
 from langchain_core.messages import (
@@ -151,15 +152,32 @@ def to_sources(documents: list[Document]) -> list[dict[str, Any]]:
     ]
 
 
+# How much of each passage an answer without an LLM shows.
+PASSAGE_PREVIEW_CHARS = 300
+
+
+def passage_preview(document: Document, limit: int = PASSAGE_PREVIEW_CHARS) -> str:
+    """A passage's text on one line, cut at a word near `limit` characters, without the
+    heading path that chunks start with (the list of sources names the section)."""
+    text = document.page_content
+    section = heading_path(list(document.metadata.get("headers") or []))
+    if section and text.startswith(section):
+        text = text[len(section) :]
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0] or text[:limit]
+    return cut.rstrip(",;:.") + " …"
+
+
 def offline_answer(documents: list[Document]) -> str:
-    """The answer when no LLM is configured: say so, then list what was retrieved."""
-    lines = ["No LLM is configured: set DEEPSEEK_API_KEY to get generated answers."]
+    """The answer when no LLM is configured: say so, then what each retrieved passage says,
+    numbered like the sources (which come with the answer and name each passage)."""
+    note = "No LLM is configured: set DEEPSEEK_API_KEY to get generated answers."
     if not documents:
-        lines.append("No passages were retrieved for this question.")
-    else:
-        lines.append("Retrieved passages:")
-        lines.append(format_sources(to_sources(documents)))
-    return "\n".join(lines)
+        return f"{note}\nNo passages were retrieved for this question."
+    passages = [f"[{n}] {passage_preview(d)}" for n, d in enumerate(documents, start=1)]
+    return "\n\n".join([f"{note} The passages retrieved for this question:", *passages])
 
 
 def usage_of(message: AIMessageChunk | None) -> dict[str, int] | None:
@@ -384,21 +402,36 @@ class RagChain:
         return generator_runnable(self.astream, "rag", specs)
 
 
+def playground_spec(spec: ConfigurableFieldSpec) -> ConfigurableFieldSpec:
+    """A per-request setting as LangServe's config model and playground can take it.
+
+    - An option field (`model`) is an Enum, which pydantic writes as a `$ref` to a
+      definition: the playground's select then shows no default ("None"). A Literal of the
+      same values is written in place, with its default.
+    - An optional field with a value for default (ChatOpenAI's `temperature: float | None
+      = 0.0`) is written by pydantic as `anyOf: [X, {"type": "null"}]`, which the
+      playground's form renderer cannot draw: the whole page stays blank. It becomes X.
+    """
+    annotation, default = spec.annotation, spec.default
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        values = tuple(member.value for member in annotation)
+        return spec._replace(
+            annotation=Literal[values],  # type: ignore[valid-type]
+            default=default.value if isinstance(default, enum.Enum) else default,
+        )
+    if get_origin(annotation) in (Union, types.UnionType) and default is not None:
+        kinds = [kind for kind in get_args(annotation) if kind is not type(None)]
+        if len(kinds) == 1:
+            return spec._replace(annotation=kinds[0])
+    return spec
+
+
 class _GeneratorWithConfig(RunnableGenerator):
     # A generator hides the runnables it calls; these specs tell LangServe which
     # per-request settings (k, model, thinking...) it takes and validates.
     def __init__(self, *args: Any, specs: list[ConfigurableFieldSpec], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # An option field (`model`) is an Enum whose default LangChain gives as the plain
-        # string; LangServe's config model then warns on every dump. Give it the member.
-        self._specs = [
-            spec._replace(default=spec.annotation(spec.default))
-            if isinstance(spec.annotation, type)
-            and issubclass(spec.annotation, enum.Enum)
-            and isinstance(spec.default, str)
-            else spec
-            for spec in specs
-        ]
+        self._specs = [playground_spec(spec) for spec in specs]
 
     @property
     def config_specs(self) -> list[ConfigurableFieldSpec]:

@@ -71,8 +71,10 @@ class MilvusRetriever(BaseRetriever):
     store: Any = Field(exclude=True)
     k: int = 3
     search: SearchMode = "hybrid"
-    source_glob: str | None = None
-    expr: str | None = None
+    # "" (not None) means no filter: these fields are the per-request settings that
+    # LangServe's playground draws, and its form renderer cannot draw an optional field.
+    source_glob: str = ""
+    expr: str = ""
     max_k: int = 50
 
     def _get_relevant_documents(
