@@ -188,6 +188,7 @@ class HtmlParser(BaseBlobParser):
 # pandoc and Word use.
 DOCX_STYLE_MAP = """
 p[style-name='Title'] => h1:fresh
+p.Title => h1:fresh
 p[style-name='Source Code'] => pre:separator('\\n')
 r[style-name='Verbatim Char'] => code
 """

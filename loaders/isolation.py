@@ -35,6 +35,8 @@ from langchain_core.documents.base import Blob
 from errors import SourceError
 
 HEADER = struct.Struct("!Q")
+READY = b"ready\n"
+STARTUP_SECONDS = 120.0
 
 
 def describe(exc: BaseException) -> str:
@@ -62,6 +64,15 @@ class _Worker:
         )
         # Stopped when the parser is collected, or at exit, whichever comes first.
         self._finalizer = weakref.finalize(self, _stop, self.process)
+        # The time limit is for reading a file, not for starting Python and importing the
+        # readers: wait for the worker to say it is ready.
+        assert self.process.stdout is not None
+        try:
+            if _read(self.process.stdout, len(READY), time.monotonic() + STARTUP_SECONDS) != READY:
+                raise EOFError
+        except (TimeoutError, EOFError) as exc:
+            self.stop()
+            raise SourceError("the document reader process did not start") from exc
 
     def ask(self, request: Any, seconds: float) -> Any:
         """Send a request and wait up to `seconds` for the answer; TimeoutError, EOFError."""
@@ -174,6 +185,8 @@ def serve(memory_bytes: int) -> None:
         with open("/proc/self/statm") as statm:
             mapped = int(statm.read().split()[0]) * resource.getpagesize()
         resource.setrlimit(resource.RLIMIT_AS, (mapped + memory_bytes, mapped + memory_bytes))
+    answers.write(READY)
+    answers.flush()
     while header := requests.read(HEADER.size):
         parser, blob = pickle.loads(requests.read(HEADER.unpack(header)[0]))
         try:

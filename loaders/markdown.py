@@ -17,10 +17,10 @@ FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.DOTALL)
 # Leading whitespace is swapped for this non-space character before the split and back after.
 INDENT_MARK = "\u2800"
 HEADING_SEPARATOR = " > "
-# "Page N starts here", in the text of a paged document (PDF): private-use characters that
-# no splitter treats as whitespace or markup. The chunker reads them into `page` and
-# `last_page`, and removes them from the chunk text.
-PAGE_MARK = re.compile("\ue000(\\d+)\ue001")
+# "Page N starts here", in the text of a paged document (PDF): printable characters (the
+# header splitter drops unprintable ones) that no splitter treats as whitespace or markup.
+# The chunker reads them into `page` and `last_page`, and removes them from the chunk text.
+PAGE_MARK = re.compile("\u27e6\u27e6(\\d+)\u27e7\u27e7")
 # Part of every chunk id: bump it when a change to the chunking here should re-embed every
 # corpus. Library upgrades (langchain-text-splitters, the format readers) do not change ids.
 CHUNKING_VERSION = "2"
@@ -185,7 +185,7 @@ def heading_path(headers: list[str]) -> str:
 
 def page_mark(page: int) -> str:
     """The line that starts page `page` in a paged document's text."""
-    return f"\ue000{page}\ue001"
+    return f"\u27e6\u27e6{page}\u27e7\u27e7"
 
 
 def page_label(page: int | None, last_page: int | None = None) -> str:
@@ -204,7 +204,9 @@ def citation(source: str, headers: list[str], page: int | None = None, last_page
     return f"{where} — {section}" if section else where
 
 
-def _paged_pieces(body: str, pieces: list[str], page: int) -> tuple[list[tuple[str, int, int]], int]:
+def _paged_pieces(
+    body: str, pieces: list[str], page: int
+) -> tuple[list[tuple[str, int | None, int | None]], int]:
     """Each piece without page marks, with its first and last page; and the page at the end.
 
     `page` is the page the section starts on. Pieces are substrings of `body` (overlapping).
@@ -219,7 +221,7 @@ def _paged_pieces(body: str, pieces: list[str], page: int) -> tuple[list[tuple[s
             current = number
         return current
 
-    located = []
+    located: list[tuple[str, int | None, int | None]] = []
     cursor = 0
     for piece in pieces:
         start = body.find(piece, cursor)
@@ -317,6 +319,7 @@ class Chunker:
                 if self.count_tokens(section.body) <= budget
                 else self._splitter(budget).split_text(section.body)
             )
+            located: list[tuple[str, int | None, int | None]]
             if paged:
                 located, page = _paged_pieces(section.body, pieces, page)
             else:

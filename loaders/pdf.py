@@ -278,6 +278,8 @@ class PdfParser(BaseBlobParser):
                 raise
             except PdfminerException as exc:
                 cause = exc.args[0] if exc.args else exc
+                if isinstance(cause, MemoryError):
+                    raise cause from exc  # reported as over the memory limit
                 raise SourceError(f"corrupt PDF ({type(cause).__name__}: {cause})") from exc
             title = str(pdf.metadata.get("Title") or "")
         if not any(line.glyphs or line.table for line in lines):

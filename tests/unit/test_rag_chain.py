@@ -22,6 +22,8 @@ def expected_sources() -> list[dict[str, Any]]:
             "n": 1,
             "source": "faq/product_faq.md",
             "headers": ["Product FAQ", "Where does Milvus store data?"],
+            "page": None,
+            "last_page": None,
             "text": FAQ_DOCS[0].page_content,
             "score": 0.91,
         },
@@ -29,6 +31,8 @@ def expected_sources() -> list[dict[str, Any]]:
             "n": 2,
             "source": "faq/operational_faq.md",
             "headers": ["Operational FAQ", "CPU"],
+            "page": None,
+            "last_page": None,
             "text": FAQ_DOCS[1].page_content,
             "score": 0.42,
         },
@@ -132,5 +136,5 @@ def test_to_sources_defaults() -> None:
     from langchain_core.documents import Document
 
     assert to_sources([Document(page_content="t", metadata={})]) == [
-        {"n": 1, "source": "", "headers": [], "text": "t", "score": 0.0}
+        {"n": 1, "source": "", "headers": [], "page": None, "last_page": None, "text": "t", "score": 0.0}
     ]

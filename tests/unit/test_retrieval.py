@@ -125,7 +125,15 @@ def hit(source: str, distance: float, text: str = "t", headers: tuple[str, ...] 
     return {
         "pk": f"id-{source}-{'/'.join(headers)}",
         "distance": distance,
-        "entity": {"text": text, "source": source, "root": "/kb", "headers": list(headers), "chunk_index": 2},
+        "entity": {
+            "text": text,
+            "source": source,
+            "root": "/kb",
+            "headers": list(headers),
+            "chunk_index": 2,
+            "page": None,
+            "last_page": None,
+        },
     }
 
 
