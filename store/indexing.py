@@ -64,8 +64,16 @@ class IngestReport:
         if failed:
             parts.append(f"{failed} could not be read")
         if unsupported:
-            types = sorted({s.reason.removeprefix("unsupported ") for s in unsupported})
-            parts.append(f"{len(unsupported)} of unsupported types ({'; '.join(types)})")
+            types = sorted(
+                {
+                    s.reason.removeprefix("unsupported file type ")
+                    .removeprefix("unsupported content type ")
+                    .split(" (")[0]
+                    .strip("()")
+                    for s in unsupported
+                }
+            )
+            parts.append(f"{len(unsupported)} of unsupported types ({', '.join(types)})")
         found = f"; of the files found, {' and '.join(parts)}" if parts else ": no files were found"
         return (
             "nothing was ingested" + found + ". Supported: .md, .markdown, .mdx, .txt, .text, .rst, "

@@ -263,18 +263,18 @@ def check_collection(client: MilvusClient, collection: str, embeddings: Pymilvus
             f"collection {collection!r} was not created by this version of the service (fields: "
             f"{', '.join(sorted(fields))}); set RAG_COLLECTION to a new name and ingest again"
         )
-    if not set(PAGE_FIELDS) <= set(fields):
-        raise StoreError(
-            f"collection {collection!r} was made before page numbers were stored (no "
-            f"{'/'.join(PAGE_FIELDS)} fields): set RAG_COLLECTION to a new name and ingest again, "
-            "or delete the Milvus Lite file to rebuild it"
-        )
     stored_dim = int(fields[DENSE_FIELD].get("params", {}).get("dim", 0))
     if stored_dim != embeddings.dimension:
         raise StoreError(
             f"collection {collection!r} holds {stored_dim}-dimensional vectors but the embedding "
             f"model {embeddings.name!r} makes {embeddings.dimension}-dimensional ones: use the "
             "model it was built with, or set RAG_COLLECTION to a new name and ingest again"
+        )
+    if not set(PAGE_FIELDS) <= set(fields):
+        raise StoreError(
+            f"collection {collection!r} was made before page numbers were stored (no "
+            f"{'/'.join(PAGE_FIELDS)} fields): set RAG_COLLECTION to a new name and ingest again, "
+            "or delete the Milvus Lite file to rebuild it"
         )
     description = info.get("description") or ""
     if description.startswith("{"):
