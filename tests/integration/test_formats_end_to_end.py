@@ -99,8 +99,10 @@ def test_pdf_citations_over_http_and_the_cli(
     app = create_app(service=faq_service(settings, embeddings, llm=make_llm(settings)))
     config: Any = {"configurable": {"source": "*.pdf", "k": 2}}
     with serve_in_thread(app) as url:
-        answer = RemoteRunnable(f"{url}/rag/").invoke({"question": QUESTION}, config=config)
-        chat = RemoteRunnable(f"{url}/chat/").invoke({"question": QUESTION}, config=config)
+        rag: RemoteRunnable = RemoteRunnable(f"{url}/rag/")
+        chat_chain: RemoteRunnable = RemoteRunnable(f"{url}/chat/")
+        answer = rag.invoke({"question": QUESTION}, config=config)
+        chat = chat_chain.invoke({"question": QUESTION}, config=config)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         completion = client.chat.completions.create(
             model=settings.deepseek_model,
