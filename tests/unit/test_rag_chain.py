@@ -138,3 +138,29 @@ def test_to_sources_defaults() -> None:
     assert to_sources([Document(page_content="t", metadata={})]) == [
         {"n": 1, "source": "", "headers": [], "page": None, "last_page": None, "text": "t", "score": 0.0}
     ]
+
+
+def test_pdf_passages_are_cited_with_their_pages_in_the_sources_and_the_chat_text() -> None:
+    from langchain_core.documents import Document
+
+    from chains.rag import build_chat_chain, format_sources
+
+    pdf = Document(
+        page_content="Guide > Backups\n\nBack up nightly.",
+        metadata={"source": "guide.pdf", "headers": ["Guide", "Backups"], "page": 3, "last_page": 4},
+    )
+    chain = build_rag_chain(
+        FixedRetriever(documents=[pdf, FAQ_DOCS[0]]), FakeListChatModel(responses=["Nightly [1]."])
+    )
+    sources = chain.invoke({"question": "How often are backups made?"})["sources"]
+    assert (sources[0]["page"], sources[0]["last_page"]) == (3, 4)
+    assert format_sources(sources) == (
+        "[1] guide.pdf pp. 3-4 — Guide > Backups\n"
+        "[2] faq/product_faq.md — Product FAQ > Where does Milvus store data?"
+    )
+    chat = build_chat_chain(
+        build_rag_chain(FixedRetriever(documents=[pdf]), FakeListChatModel(responses=["Nightly [1]."]))
+    )
+    assert chat.invoke({"question": "How often?"}) == (
+        "Nightly [1].\n\nSources:\n[1] guide.pdf pp. 3-4 — Guide > Backups"
+    )
