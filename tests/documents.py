@@ -35,6 +35,26 @@ class Page:
     extra_ops: bytes = b""  # more content-stream operators (e.g. a slow page)
 
 
+def ruled_table(
+    rows: list[list[str]], top: float = 400.0, width: float = 150.0, height: float = 20.0
+) -> bytes:
+    """Content-stream operators for a table drawn with ruling lines, text in each cell."""
+    columns = max(len(row) for row in rows)
+    left, right, bottom = 72.0, 72.0 + columns * width, top - len(rows) * height
+    ops = ["0.5 w"]
+    for r in range(len(rows) + 1):
+        y = top - r * height
+        ops.append(f"{left:g} {y:g} m {right:g} {y:g} l S")
+    for c in range(columns + 1):
+        x = left + c * width
+        ops.append(f"{x:g} {top:g} m {x:g} {bottom:g} l S")
+    for r, row in enumerate(rows):
+        for c, cell in enumerate(row):
+            x, y = left + c * width + 4, top - (r + 1) * height + 6
+            ops.append(f"BT /F1 10 Tf {x:g} {y:g} Td ({_escape(cell)}) Tj ET")
+    return ("\n" + "\n".join(ops)).encode("latin-1")
+
+
 def heading(text: str, size: float) -> Text:
     return Text(text, "F2", size)
 

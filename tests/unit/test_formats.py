@@ -344,6 +344,17 @@ def test_pdf_outline_names_the_headings_when_the_pdf_has_one(tmp_path: Path) -> 
     assert found == {"Handbook": 1, "Handbook > Setup": 1, "Handbook > Setup > Networking": 2}
 
 
+def test_pdf_ruled_table_becomes_a_markdown_table(tmp_path: Path) -> None:
+    table_ops = make.ruled_table([["Index", "Metric"], ["FLAT", "IP"], ["HNSW", "COSINE"]], top=500)
+    page = Page([heading("Indexes", 16), Text("The index types:")], extra_ops=table_ops)
+    (tmp_path / "indexes.pdf").write_bytes(make.make_pdf([page]))
+    docs, _ = load(tmp_path / "indexes.pdf")
+    (chunk,) = chunks_of(docs["indexes.pdf"])
+    assert chunk.metadata["headers"] == ["Indexes"]
+    assert "| Index | Metric |\n| --- | --- |\n| FLAT | IP |\n| HNSW | COSINE |" in chunk.page_content
+    assert chunk.page_content.count("FLAT") == 1, "the cells are not repeated as text lines"
+
+
 def test_encrypted_pdf_is_skipped_and_an_owner_only_one_is_read(tmp_path: Path) -> None:
     (tmp_path / "locked.pdf").write_bytes(make.encrypt_pdf(guide_pdf(), user_password="secret"))
     (tmp_path / "restricted.pdf").write_bytes(make.encrypt_pdf(guide_pdf(), user_password=""))
