@@ -54,13 +54,11 @@ class _Worker:
     """One worker process and its pipes."""
 
     def __init__(self, memory_bytes: int):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "loaders.isolation", str(memory_bytes)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            env=env,
         )
         # Stopped when the parser is collected, or at exit, whichever comes first.
         self._finalizer = weakref.finalize(self, _stop, self.process)
