@@ -385,5 +385,6 @@ def chunk_id(root: str, source: str, source_hash: str, version: str, chunk_index
 
 def naive_chunks(source: str, text: str) -> Iterable[Document]:
     """The tutorial's pipeline: split on '# ', no cap. Kept as the evaluation baseline."""
+    text = PAGE_MARK.sub("", text)
     for index, piece in enumerate(p for p in text.split("# ") if p.strip()):
         yield Document(page_content=piece, metadata={"source": source, "headers": [], "chunk_index": index})
