@@ -19,7 +19,7 @@ import io
 import statistics
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from langchain_core.document_loaders import BaseBlobParser
@@ -51,11 +51,6 @@ class Line:
     glyphs: int
     level: int = 0  # heading level, 0 for body text
     table: str | None = None  # a whole markdown table standing in for this line
-
-
-@dataclass
-class _Outline:
-    levels: dict[str, int] = field(default_factory=dict)
 
 
 def _norm(text: str) -> str:
@@ -107,22 +102,23 @@ def _page_lines(page: Any, number: int) -> list[Line]:
     return sorted(lines, key=lambda line: (line.top, line.x0))
 
 
-def _outline(pdf: Any) -> _Outline:
+def _outline(pdf: Any) -> dict[str, int]:
+    """The outline's titles (normalised) and their levels; empty without an outline."""
     from pdfminer.pdfdocument import PDFNoOutlines
 
-    outline = _Outline()
+    levels: dict[str, int] = {}
     try:
         for level, title, *_ in pdf.doc.get_outlines():
             if title and isinstance(title, str) and _norm(title):
-                outline.levels.setdefault(_norm(title), min(int(level), 6))
+                levels.setdefault(_norm(title), min(int(level), 6))
     except PDFNoOutlines:
         pass
     except Exception:  # a broken outline is no reason to lose the text
-        return _Outline()
-    return outline
+        return {}
+    return levels
 
 
-def _mark_outline_headings(lines: list[Line], outline: _Outline) -> bool:
+def _mark_outline_headings(lines: list[Line], outline: dict[str, int]) -> bool:
     """Headings where one to three consecutive lines spell an outline title; True if any."""
     found = False
     index = 0
@@ -131,7 +127,7 @@ def _mark_outline_headings(lines: list[Line], outline: _Outline) -> bool:
             group = lines[index : index + span]
             if len(group) < span or any(line.table or line.page != group[0].page for line in group):
                 break
-            level = outline.levels.get(_norm(" ".join(line.text for line in group)))
+            level = outline.get(_norm(" ".join(line.text for line in group)))
             if level:
                 _merge(lines, index, span, level)
                 found = True
@@ -284,7 +280,7 @@ class PdfParser(BaseBlobParser):
             title = str(pdf.metadata.get("Title") or "")
         if not any(line.glyphs or line.table for line in lines):
             raise SourceError("no text layer; OCR is not supported")
-        if not (outline.levels and _mark_outline_headings(lines, outline)):
+        if not (outline and _mark_outline_headings(lines, outline)):
             _mark_font_headings(lines)
         yield Document(
             page_content=to_markdown(lines),
