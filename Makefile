@@ -53,6 +53,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/retrieval.py
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/formats.py
 	$(BIN)/python bench/serve.py
 
 clean:

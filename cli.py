@@ -37,6 +37,7 @@ def _question(text: str | None, settings: Settings) -> str:
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     """Ingest paths (default: the project's docs/)."""
+    from loaders.formats import Limits
     from loaders.sources import is_url
     from store.indexing import ingest
 
@@ -51,9 +52,13 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
             service.get_store(),
             service.chunker(),
             prune=args.prune,
-            max_bytes=int(args.max_mb * 1024 * 1024),
             batch_size=settings.embedding_batch_size,
             progress=not args.json and not args.quiet,
+            limits=Limits(
+                max_bytes=int(args.max_mb * 1024 * 1024),
+                max_pages=args.max_pages,
+                seconds=args.file_timeout,
+            ),
         )
     finally:
         service.close()
@@ -63,6 +68,9 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
         for skipped in report.skipped:
             print(f"skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
         print(report.summary(), file=out)
+    why = report.why_nothing()
+    if why:
+        print(f"rag: error: {why}", file=sys.stderr)
     return EXIT_ERROR if report.failed else 0
 
 
@@ -77,6 +85,8 @@ def _queries(args: argparse.Namespace) -> Iterator[str]:
 
 def cmd_search(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     """Retrieval only, for one query or one per line of standard input."""
+    from loaders.markdown import citation
+
     service = _service(settings, llm=None)
     try:
         for query in _queries(args):
@@ -89,6 +99,8 @@ def cmd_search(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
                     "text": d.page_content,
                     "source": d.metadata["source"],
                     "headers": d.metadata["headers"],
+                    "page": d.metadata.get("page"),
+                    "last_page": d.metadata.get("last_page"),
                     "score": round(d.metadata["score"], 4),
                 }
                 for d in documents
@@ -100,8 +112,8 @@ def cmd_search(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
             if not results:
                 print("  (no results: is anything ingested? try `rag ingest`)", file=out)
             for n, r in enumerate(results, start=1):
-                section = " > ".join(r["headers"])
-                print(f"[{n}] {r['score']:.3f}  {r['source']}  {section}", file=out)
+                where = citation(r["source"], r["headers"], r["page"], r["last_page"])
+                print(f"[{n}] {r['score']:.3f}  {where}", file=out)
                 snippet = " ".join(r["text"].split())[:200]
                 print(f"    {snippet}", file=out)
             out.flush()
@@ -254,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--max-mb", type=float, default=20.0, help="skip files larger than this")
+    p.add_argument("--max-pages", type=int, default=2000, help="skip PDFs with more pages than this")
+    p.add_argument("--file-timeout", type=float, default=120.0, help="seconds to read one PDF or DOCX file")
     p.set_defaults(handler=cmd_ingest)
 
     p = sub.add_parser("search", help="retrieve passages (no LLM)")

@@ -131,6 +131,8 @@ class SourcePassage(BaseModel):
     n: int
     source: str
     headers: list[str]
+    page: int | None = _optional("The first page of a PDF passage.")
+    last_page: int | None = _optional("The last page of a PDF passage, when it spans pages.")
     text: str
     score: float
 

@@ -32,7 +32,7 @@ from pydantic import BaseModel, BeforeValidator, Field, create_model
 from chains.llm import is_retryable, retry_after
 from chains.prompts import CONDENSE_PROMPT, RAG_PROMPT, format_context, format_history
 from errors import InputError, LLMError, LLMTimeoutError, RagError, record_stream_error
-from loaders.markdown import heading_path
+from loaders.markdown import citation
 
 MAX_QUESTION_CHARS = 4000
 MAX_HISTORY_ITEMS = 200
@@ -86,6 +86,8 @@ class Source(BaseModel):
     n: int
     source: str
     headers: list[str]
+    page: int | None = Field(None, description="The first page of a PDF passage.")
+    last_page: int | None = Field(None, description="The last page of a PDF passage.")
     text: str
     score: float
 
@@ -145,6 +147,8 @@ def to_sources(documents: list[Document]) -> list[dict[str, Any]]:
             "n": n,
             "source": d.metadata.get("source", ""),
             "headers": list(d.metadata.get("headers") or []),
+            "page": d.metadata.get("page"),
+            "last_page": d.metadata.get("last_page"),
             "text": d.page_content,
             "score": float(d.metadata.get("score", 0.0)),
         }
@@ -460,11 +464,10 @@ def generator_runnable(
 
 def format_sources(sources: list[dict[str, Any]]) -> str:
     """The sources as the lines printed under an answer."""
-    lines = []
-    for s in sources:
-        section = heading_path(s["headers"])
-        lines.append(f"[{s['n']}] {s['source']}" + (f" — {section}" if section else ""))
-    return "\n".join(lines)
+    return "\n".join(
+        f"[{s['n']}] " + citation(s["source"], s["headers"], s.get("page"), s.get("last_page"))
+        for s in sources
+    )
 
 
 def build_chat_chain(rag_chain: Runnable) -> Runnable:

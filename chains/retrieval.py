@@ -196,6 +196,8 @@ def to_document(hit: dict[str, Any]) -> Document:
             "root": entity.get("root", ""),
             "headers": list(entity.get("headers") or []),
             "chunk_index": entity.get("chunk_index", 0),
+            "page": entity.get("page"),
+            "last_page": entity.get("last_page"),
             "score": score,
         },
     )

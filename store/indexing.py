@@ -1,9 +1,10 @@
 """Ingest: files → chunks → ids from content → embed only what is new → Milvus; a summary.
 
-Chunk ids are hashes of (root, source, position, text), so Milvus alone can tell what is
-already stored: no record manager to keep in step with the collection. New chunks are
-written before stale ones are deleted, so a crash at any point leaves either the old or
-the new version of a file, never neither, and the next run finishes the job.
+Chunk ids are hashes of (root, source, the file's content, position), made by the chunker
+(loaders.markdown.chunk_id), so Milvus alone can tell what is already stored: no record
+manager to keep in step with the collection. New chunks are written before stale ones are
+deleted, so a crash at any point leaves either the old or the new version of a file, never
+neither, and the next run finishes the job.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Any, TypeVar
 from langchain_core.documents import Document
 from tqdm import tqdm
 
-from loaders.markdown import Chunker, chunk_id, heading_text
-from loaders.sources import DEFAULT_MAX_BYTES, DocumentSourceLoader, Skipped
+from loaders.formats import Limits
+from loaders.markdown import Chunker, heading_text
+from loaders.sources import DEFAULT_MAX_BYTES, UNSUPPORTED, DocumentSourceLoader, Skipped
 from store.milvus import PRIMARY_FIELD, RagStore, dense_vector, escape
 
 T = TypeVar("T")
@@ -45,15 +47,45 @@ class IngestReport:
 
     @property
     def failed(self) -> bool:
-        """True when any file could not be ingested."""
-        return bool(self.skipped)
+        """True when a file could not be read, or nothing at all could be.
+
+        Files passed over for their type (a picture in a docs folder) are listed, and fail
+        the ingest only when they are all there was.
+        """
+        return self.files == 0 or any(s.kind != UNSUPPORTED for s in self.skipped)
+
+    def why_nothing(self) -> str | None:
+        """Why no file was read, when none was: one line for the user."""
+        if self.files:
+            return None
+        unsupported = [s for s in self.skipped if s.kind == UNSUPPORTED]
+        failed = len(self.skipped) - len(unsupported)
+        parts = []
+        if failed:
+            parts.append(f"{failed} could not be read")
+        if unsupported:
+            types = sorted(
+                {
+                    s.reason.removeprefix("unsupported file type ")
+                    .removeprefix("unsupported content type ")
+                    .split(" (")[0]
+                    .strip("()")
+                    for s in unsupported
+                }
+            )
+            parts.append(f"{len(unsupported)} of unsupported types ({', '.join(types)})")
+        found = f"; of the files found, {' and '.join(parts)}" if parts else ": no files were found"
+        return (
+            "nothing was ingested" + found + ". Supported: .md, .markdown, .mdx, .txt, .text, .rst, "
+            ".html, .htm, .xhtml, .pdf, .docx, in folders, zip archives or at URLs"
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON summary."""
         data = asdict(self)
         data["seconds"] = round(self.seconds, 2)
         data["peak_rss_mb"] = round(self.peak_rss_mb, 1)
-        data["skipped"] = [{"path": s.path, "reason": s.reason} for s in self.skipped]
+        data["skipped"] = [{"path": s.path, "reason": s.reason, "kind": s.kind} for s in self.skipped]
         return data
 
     def summary(self) -> str:
@@ -180,12 +212,17 @@ def ingest(
     max_bytes: int = DEFAULT_MAX_BYTES,
     batch_size: int = 64,
     progress: bool = True,
+    limits: Limits | None = None,
 ) -> IngestReport:
-    """Bring the store in line with the files under `paths`; returns what changed."""
+    """Bring the store in line with the files under `paths`; returns what changed.
+
+    `limits` (size, pages, unpacked size, seconds per file) default to `max_bytes` and the
+    loaders' defaults.
+    """
     started = time.perf_counter()
     report = IngestReport()
     # The same path twice would insert its new chunks twice (ids are checked once per root).
-    loader = DocumentSourceLoader(list(dict.fromkeys(paths)), max_bytes=max_bytes)
+    loader = DocumentSourceLoader(list(dict.fromkeys(paths)), limits=limits or Limits(max_bytes=max_bytes))
     stored: dict[str, dict[str, set[str]]] = {}
     seen: dict[str, set[str]] = defaultdict(set)
     bar = tqdm(
@@ -197,10 +234,7 @@ def ingest(
         dynamic_ncols=True,
     )
     writer = _Writer(store, batch_size, bar)
-    split = (
-        (d, chunker.chunks(d.metadata["source"], d.page_content, extra={"root": d.metadata["root"]}))
-        for d in loader.lazy_load()
-    )
+    split = ((d, chunker.split_document(d)) for d in loader.lazy_load())
     with bar:
         for document, chunks in prefetch(split):
             bar.update(1)
@@ -209,7 +243,7 @@ def ingest(
                 stored[root] = stored_ids(store, root)
             seen[root].add(source)
             report.files += 1
-            ids = [chunk_id(root, chunk) for chunk in chunks]
+            ids = [str(chunk.id) for chunk in chunks]
             old = stored[root].get(source, set())
             fresh = [(i, c) for i, c in zip(ids, chunks, strict=True) if i not in old]
             stale = sorted(old - set(ids))

@@ -45,7 +45,15 @@ def metadata_schema() -> dict[str, Any]:
             "kwargs": {"element_type": DataType.VARCHAR, "max_capacity": 16, "max_length": 1024},
         },
         "chunk_index": {"dtype": DataType.INT64, "kwargs": {}},
+        # The first and last page of a PDF chunk; null for formats without pages.
+        "page": {"dtype": DataType.INT64, "kwargs": {"nullable": True}},
+        "last_page": {"dtype": DataType.INT64, "kwargs": {"nullable": True}},
     }
+
+
+# Fields that collections made by earlier versions lack (they can't be added to a collection
+# in Milvus Lite): such a collection gets a StoreError that says what to do.
+PAGE_FIELDS = ("page", "last_page")
 
 
 # langchain-milvus's defaults for a BM25 field (`drop_ratio_build` in the search params,
@@ -61,7 +69,7 @@ DENSE_SEARCH = {"metric_type": "IP", "params": {}}
 SPARSE_SEARCH = {"metric_type": "BM25", "params": {}}
 # Searches return the text with each hit: cheaper than a second call for the top k
 # (0.3 ms against 2 ms for a `get` in Milvus Lite).
-OUTPUT_FIELDS = [TEXT_FIELD, "source", "root", "headers", "chunk_index"]
+OUTPUT_FIELDS = [TEXT_FIELD, "source", "root", "headers", "chunk_index", *PAGE_FIELDS]
 
 
 GRPC_OPTIONS = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False}
@@ -261,6 +269,12 @@ def check_collection(client: MilvusClient, collection: str, embeddings: Pymilvus
             f"collection {collection!r} holds {stored_dim}-dimensional vectors but the embedding "
             f"model {embeddings.name!r} makes {embeddings.dimension}-dimensional ones: use the "
             "model it was built with, or set RAG_COLLECTION to a new name and ingest again"
+        )
+    if not set(PAGE_FIELDS) <= set(fields):
+        raise StoreError(
+            f"collection {collection!r} was made before page numbers were stored (no "
+            f"{'/'.join(PAGE_FIELDS)} fields): set RAG_COLLECTION to a new name and ingest again, "
+            "or delete the Milvus Lite file to rebuild it"
         )
     description = info.get("description") or ""
     if description.startswith("{"):

@@ -63,7 +63,8 @@ def test_search_reads_queries_from_stdin_as_json_lines(cli_env: dict[str, str]) 
     assert [line["query"] for line in lines] == [QUESTION, "etcd pod pending"]
     assert all(len(line["results"]) == 2 for line in lines)
     assert SECTION in lines[0]["results"][0]["headers"]
-    assert set(lines[0]["results"][0]) == {"text", "source", "headers", "score"}
+    assert set(lines[0]["results"][0]) == {"text", "source", "headers", "page", "last_page", "score"}
+    assert lines[0]["results"][0]["page"] is None  # markdown has no pages
 
 
 def test_ask_streams_the_answer_then_sources(cli_env: dict[str, str], llm_server: LLMServer) -> None:

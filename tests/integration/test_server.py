@@ -34,7 +34,7 @@ async def test_invoke_answers_with_sources(faq_db: Settings, embeddings: Any, ll
     output = response.json()["output"]
     assert output["answer"] == llm_server.behaviour.reply
     assert SECTION in output["sources"][0]["headers"]
-    assert set(output["sources"][0]) == {"n", "source", "headers", "text", "score"}
+    assert set(output["sources"][0]) == {"n", "source", "headers", "page", "last_page", "text", "score"}
 
 
 async def test_stream_sends_sources_then_tokens(

@@ -6,10 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from langchain_core.documents import Document
+from langchain_text_splitters import MarkdownHeaderTextSplitter
 
 from chains.retrieval import make_retriever
 from errors import InputError, StoreError
 from loaders.markdown import Chunker, token_counter
+from loaders.sources import DocumentSourceLoader
 from store.embeddings import PymilvusEmbeddings
 from store.indexing import ingest
 from store.milvus import collection_stats, make_store
@@ -58,6 +61,36 @@ def setup(make_settings: Any, milvus_uri: str, embeddings: PymilvusEmbeddings, t
     if store.exists():
         store.client.drop_collection(store.collection)
     store.close()
+
+
+class UpgradedSplitter(MarkdownHeaderTextSplitter):
+    """A langchain-text-splitters release that handles whitespace differently."""
+
+    def split_text(self, text: str) -> list[Document]:
+        return [
+            Document(page_content=d.page_content.replace(" ", "  "), metadata=d.metadata)
+            for d in super().split_text(text)
+        ]
+
+
+def test_reingest_after_a_splitter_upgrade_embeds_nothing(
+    setup: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, model, store, chunker, root = setup
+    first = ingest([str(root)], store, chunker, progress=False)
+    embedded = model.embedded
+    texts_before = {d.page_content for d in make_retriever(store, 4, "dense").retrieve("Python make server")}
+
+    monkeypatch.setattr("loaders.markdown.MarkdownHeaderTextSplitter", UpgradedSplitter)
+    upgraded = [
+        c.page_content for d in DocumentSourceLoader([str(root)]).load() for c in chunker.split_document(d)
+    ]
+    assert not texts_before & set(upgraded), "the simulated upgrade changes every chunk's text"
+    again = ingest([str(root)], store, chunker, progress=False)
+
+    assert (again.added, again.updated, again.deleted, again.unchanged) == (0, 0, 0, first.total_chunks)
+    assert model.embedded == embedded, "a splitter upgrade must not re-embed the corpus"
+    assert store.count() == first.total_chunks
 
 
 def test_ingest_is_idempotent_and_tracks_changes(setup: Any) -> None:
@@ -187,6 +220,40 @@ def test_collection_of_the_two_vector_layout_is_refused(make_settings: Any, milv
     old.add_embeddings(["hello"], [[vector, vector]], ids=["x"])
     try:
         with pytest.raises(StoreError, match="not created by this version.*RAG_COLLECTION"):
+            make_store(settings, PymilvusEmbeddings("minilm"))
+    finally:
+        old.client.drop_collection(settings.collection)
+        old.client.close()
+
+
+def test_collection_made_before_page_numbers_is_refused_with_what_to_do(
+    make_settings: Any, milvus_uri: str
+) -> None:
+    from langchain_core.embeddings import DeterministicFakeEmbedding
+    from langchain_milvus import BM25BuiltInFunction, Milvus
+
+    from store.milvus import DENSE_INDEX, SPARSE_INDEX, connection_args, metadata_schema
+
+    settings = make_settings(MILVUS_URI=milvus_uri)
+    fake = DeterministicFakeEmbedding(size=384)
+    # The layout of the version before: the same fields, without page and last_page.
+    schema = {k: v for k, v in metadata_schema().items() if k not in ("page", "last_page")}
+    old = Milvus(
+        embedding_function=fake,
+        collection_name=settings.collection,
+        connection_args=connection_args(settings),
+        index_params=[DENSE_INDEX, SPARSE_INDEX],
+        vector_field=["dense", "sparse"],
+        builtin_function=BM25BuiltInFunction(input_field_names="text", output_field_names="sparse"),
+        primary_field="pk",
+        text_field="text",
+        auto_id=False,
+        metadata_schema=schema,
+    )
+    metadata = {"source": "a.md", "root": "/kb", "headers": ["A"], "chunk_index": 0}
+    old.add_embeddings(["hello"], [fake.embed_query("hello")], [metadata], ids=["x"])
+    try:
+        with pytest.raises(StoreError, match="made before page numbers.*RAG_COLLECTION to a new name"):
             make_store(settings, PymilvusEmbeddings("minilm"))
     finally:
         old.client.drop_collection(settings.collection)

@@ -26,6 +26,8 @@ def expected_sources() -> list[dict[str, Any]]:
             "n": 1,
             "source": "faq/product_faq.md",
             "headers": ["Product FAQ", "Where does Milvus store data?"],
+            "page": None,
+            "last_page": None,
             "text": FAQ_DOCS[0].page_content,
             "score": 0.91,
         },
@@ -33,6 +35,8 @@ def expected_sources() -> list[dict[str, Any]]:
             "n": 2,
             "source": "faq/operational_faq.md",
             "headers": ["Operational FAQ", "CPU"],
+            "page": None,
+            "last_page": None,
             "text": FAQ_DOCS[1].page_content,
             "score": 0.42,
         },
@@ -155,7 +159,7 @@ def test_to_sources_defaults() -> None:
     from langchain_core.documents import Document
 
     assert to_sources([Document(page_content="t", metadata={})]) == [
-        {"n": 1, "source": "", "headers": [], "text": "t", "score": 0.0}
+        {"n": 1, "source": "", "headers": [], "page": None, "last_page": None, "text": "t", "score": 0.0}
     ]
 
 
@@ -178,3 +182,29 @@ def test_every_per_request_setting_is_one_the_playground_can_draw() -> None:
     assert model_fields["model"]["default"] == settings.deepseek_model
     assert model_fields["temperature"]["type"] == "number" and model_fields["temperature"]["default"] == 0
     assert model_fields["thinking"]["type"] == "boolean"
+
+
+def test_pdf_passages_are_cited_with_their_pages_in_the_sources_and_the_chat_text() -> None:
+    from langchain_core.documents import Document
+
+    from chains.rag import build_chat_chain, format_sources
+
+    pdf = Document(
+        page_content="Guide > Backups\n\nBack up nightly.",
+        metadata={"source": "guide.pdf", "headers": ["Guide", "Backups"], "page": 3, "last_page": 4},
+    )
+    chain = build_rag_chain(
+        FixedRetriever(documents=[pdf, FAQ_DOCS[0]]), FakeListChatModel(responses=["Nightly [1]."])
+    )
+    sources = chain.invoke({"question": "How often are backups made?"})["sources"]
+    assert (sources[0]["page"], sources[0]["last_page"]) == (3, 4)
+    assert format_sources(sources) == (
+        "[1] guide.pdf pp. 3-4 — Guide > Backups\n"
+        "[2] faq/product_faq.md — Product FAQ > Where does Milvus store data?"
+    )
+    chat = build_chat_chain(
+        build_rag_chain(FixedRetriever(documents=[pdf]), FakeListChatModel(responses=["Nightly [1]."]))
+    )
+    assert chat.invoke({"question": "How often?"}) == (
+        "Nightly [1].\n\nSources:\n[1] guide.pdf pp. 3-4 — Guide > Backups"
+    )

@@ -125,7 +125,15 @@ def hit(source: str, distance: float, text: str = "t", headers: tuple[str, ...] 
     return {
         "pk": f"id-{source}-{'/'.join(headers)}",
         "distance": distance,
-        "entity": {"text": text, "source": source, "root": "/kb", "headers": list(headers), "chunk_index": 2},
+        "entity": {
+            "text": text,
+            "source": source,
+            "root": "/kb",
+            "headers": list(headers),
+            "chunk_index": 2,
+            "page": None,
+            "last_page": None,
+        },
     }
 
 
@@ -167,6 +175,8 @@ def test_sparse_search_uses_the_raw_text_and_filters_sources() -> None:
         "root": "/kb",
         "headers": ["H"],
         "chunk_index": 2,
+        "page": None,
+        "last_page": None,
         "score": pytest.approx(7.5),  # Milvus Lite's negated BM25 distance, as a score
     }
 
@@ -282,6 +292,12 @@ def test_retriever_is_a_langchain_runnable() -> None:
     client = FakeClient(hits={"dense": [hit("a.md", 0.5, "runnable text")]})
     docs = MilvusRetriever(store=fake_store(client), k=1, search="dense").invoke("q")
     assert [d.page_content for d in docs] == ["runnable text"]
+
+
+def test_to_document_carries_the_pages_of_a_pdf_chunk() -> None:
+    entity = {**hit("guide.pdf", 0.7)["entity"], "page": 3, "last_page": 4}
+    doc = to_document({"pk": "p", "distance": 0.7, "entity": entity})
+    assert (doc.metadata["page"], doc.metadata["last_page"]) == (3, 4)
 
 
 def test_to_document_handles_flat_hits() -> None:
