@@ -19,6 +19,7 @@ from langchain_core.messages import ToolMessage
 from langchain_core.tools import BaseTool
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
@@ -214,11 +215,15 @@ def mount_mcp(
     where Starlette would redirect POST /mcp to /mcp/.
     """
     server = create_mcp_server(service, settings)
+    # Without API keys, on a loopback RAG_HOST, the SDK checks Host and Origin (421, 403), so
+    # that a web page can't reach a local server through DNS rebinding. With keys, the key
+    # guards /mcp as every other route, and a reverse proxy may pass its own Host header.
+    keyed = TransportSecuritySettings(enable_dns_rebinding_protection=False)
     http_app = server.streamable_http_app(
         streamable_http_path=MCP_PATH,
         stateless_http=True,
         json_response=True,
-        # On a loopback RAG_HOST the SDK also checks Host and Origin (DNS rebinding).
+        transport_security=keyed if settings.api_key_list else None,
         host=settings.host,
     )
     app.router.routes.extend(http_app.routes)

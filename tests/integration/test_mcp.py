@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import SecretStr
 
 from chains.llm import make_llm
@@ -82,11 +83,13 @@ async def test_the_tools_are_listed_and_called_over_http(
         httpx2.AsyncClient(headers=headers, timeout=60) as http,
         Client(streamable_http_client(f"{live_url}/mcp", http_client=http), mode=mode) as client,
     ):
+        protocol = client.protocol_version
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
         search = await client.call_tool("search_docs", {"query": QUESTION, "k": 2, "source": "product_*"})
         answer = await client.call_tool("ask_docs", {"question": QUESTION})
         listed = await client.call_tool("list_sources", {})
 
+    assert (protocol in MODERN_PROTOCOL_VERSIONS) == (mode == "auto"), protocol
     assert set(tools) == {"search_docs", "ask_docs", "list_sources"}
     schema = tools["search_docs"].input_schema
     assert schema["required"] == ["query"] and set(schema["properties"]) == {"query", "k", "source", "filter"}
@@ -112,13 +115,16 @@ async def test_the_tools_are_listed_and_called_over_http(
     assert text(listed).splitlines()[1:] == [f"- {name}" for name in FAQ_FILES]
 
 
+DEAD_DEEPSEEK = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+
+
 @pytest.fixture
 def deepseek_down_url(faq_db: Settings, embeddings: Any) -> Iterator[str]:
-    """A live uvicorn whose DeepSeek is down: nothing listens at its base URL."""
+    """A live uvicorn whose DeepSeek is down."""
     settings = with_keys(faq_db).model_copy(
         update={
             "deepseek_api_key": SecretStr("sk-test"),
-            "deepseek_base_url": f"http://127.0.0.1:{free_port()}/v1",
+            "deepseek_base_url": DEAD_DEEPSEEK,
             "deepseek_max_retries": 0,
         }
     )
@@ -138,7 +144,7 @@ async def test_bad_calls_are_tool_errors_with_the_reason(deepseek_down_url: str)
     assert too_many.is_error and "k must be between 1 and 20, got 500" in text(too_many)
     assert bad_filter.is_error and "invalid filter" in text(bad_filter)
     assert empty.is_error and "the question is empty" in text(empty)
-    assert outage.is_error and "cannot reach DeepSeek at http://127.0.0.1:" in text(outage)
+    assert outage.is_error and "DeepSeek" in text(outage) and DEAD_DEEPSEEK in text(outage)
     assert not_text.is_error and "k" in text(not_text) and "integer" in text(not_text)
     assert not still_fine.is_error and SECTION in text(still_fine)
 
@@ -204,6 +210,34 @@ async def test_rag_mcp_serves_the_tools_over_stdio(faq_db: Settings, llm_server:
     assert not answer.is_error and text(answer).startswith(llm_server.behaviour.reply)
     assert listed.structured_content["sources"] == FAQ_FILES
     assert too_many.is_error and "k must be between 1 and 20, got 0" in text(too_many)
+
+
+TOOLS_LIST = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+MCP_HEADERS = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2025-06-18"}
+
+
+@pytest.mark.parametrize("keys", [False, True], ids=["no keys", "keys"])
+async def test_a_foreign_host_reaches_a_loopback_server_only_with_a_key(
+    faq_db: Settings, embeddings: Any, keys: bool
+) -> None:
+    """DNS rebinding: a web page whose name now points at 127.0.0.1 calls /mcp."""
+    settings = with_keys(faq_db) if keys else faq_db
+    assert settings.host == "127.0.0.1"
+    app = create_app(service=faq_service(settings, embeddings, llm=None))
+    headers = {**MCP_HEADERS, "Authorization": f"Bearer {KEY}"} if keys else MCP_HEADERS
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://attacker.example"
+        ) as client,
+    ):
+        foreign = await client.post("/mcp", json=TOOLS_LIST, headers=headers)
+        local = await client.post("/mcp", json=TOOLS_LIST, headers={**headers, "Host": "127.0.0.1:8000"})
+    assert local.status_code == 200 and len(local.json()["result"]["tools"]) == 3
+    if keys:
+        assert foreign.status_code == 200 and foreign.json() == local.json()
+    else:
+        assert foreign.status_code == 421 and "Host" in foreign.text
 
 
 def test_rag_mcp_errors_are_one_line_and_exit_non_zero() -> None:

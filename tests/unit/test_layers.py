@@ -22,6 +22,7 @@ LAYERS = {
     "server": 4,
     "workers": 4,
     "cli": 4,
+    "mcp_server": 4,
 }
 
 
@@ -71,11 +72,13 @@ def test_importing_every_module_reads_no_settings_and_touches_no_environment() -
         "chains.retrieval",
         "chains.rag",
         "chains.llm",
+        "chains.tools",
         "service",
         "openai_api",
         "server",
         "cli",
         "workers",
+        "mcp_server",
     ]
     script = (
         "import os, sys\n"
