@@ -99,12 +99,7 @@ def server_reason(response: httpx.Response) -> str:
     except (ValueError, AttributeError):
         return response.text.strip()[:500] or response.reason_phrase
     if isinstance(detail, list):  # request validation: [{"loc": [...], "msg": "..."}, ...]
-        return "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg', '')}"
-            if isinstance(e, dict)
-            else str(e)
-            for e in detail
-        )
+        return "; ".join(_validation_error(error) for error in detail)
     return str(detail) if detail is not None else response.text.strip()[:500]
 
 
