@@ -22,6 +22,10 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from chains.rag import to_sources
 from chains.tools import (
@@ -37,8 +41,6 @@ from errors import RagError
 from settings import Settings
 
 if TYPE_CHECKING:
-    from starlette.applications import Starlette
-
     from service import RagService
 
 log = logging.getLogger(__name__)
@@ -203,31 +205,65 @@ def create_mcp_server(
     return server
 
 
+class McpEndpoint:
+    """/mcp: the MCP SDK's streamable HTTP app, a new one for each run of the app's lifespan.
+
+    The SDK's session manager runs once only, but an app's lifespan may run again (a server
+    restarted in the same process, tests), so each run builds its own; between runs /mcp
+    answers 503.
+    """
+
+    def __init__(self, server: MCPServer, settings: Settings) -> None:
+        self.server = server
+        self.settings = settings
+        self.current: Starlette | None = None
+
+    def build(self) -> Starlette:
+        # Without API keys, on a loopback RAG_HOST, the SDK checks Host and Origin (421, 403),
+        # so that a web page can't reach a local server through DNS rebinding. With keys, the
+        # key guards /mcp as every other route, and a reverse proxy may pass its own Host.
+        keyed = TransportSecuritySettings(enable_dns_rebinding_protection=False)
+        return self.server.streamable_http_app(
+            streamable_http_path=MCP_PATH,
+            stateless_http=True,
+            json_response=True,
+            transport_security=keyed if self.settings.api_key_list else None,
+            host=self.settings.host,
+        )
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The SDK's app and its session manager (a task group) for one run of the app."""
+        http_app = self.build()
+        async with http_app.router.lifespan_context(http_app):
+            self.current = http_app
+            try:
+                yield
+            finally:
+                self.current = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.current is None:
+            response = JSONResponse(status_code=503, content={"detail": "the MCP server is not running"})
+            await response(scope, receive, send)
+            return
+        await self.current(scope, receive, send)
+
+
 def mount_mcp(
     app: Starlette, service: RagService, settings: Settings
 ) -> Callable[[], AbstractAsyncContextManager[None]]:
     """Serve the MCP tools at /mcp in `app`; returns what the app's lifespan must run around
-    its life (the session manager's task group).
+    its life (the SDK's session manager).
 
     Stateless, with JSON responses: each POST stands alone, so `rag serve --workers N` may
     send one client's requests to different workers (clients of the 2026 protocol carry no
     session either). The route is added to the app's own router, not mounted under /mcp,
     where Starlette would redirect POST /mcp to /mcp/.
     """
-    server = create_mcp_server(service, settings)
-    # Without API keys, on a loopback RAG_HOST, the SDK checks Host and Origin (421, 403), so
-    # that a web page can't reach a local server through DNS rebinding. With keys, the key
-    # guards /mcp as every other route, and a reverse proxy may pass its own Host header.
-    keyed = TransportSecuritySettings(enable_dns_rebinding_protection=False)
-    http_app = server.streamable_http_app(
-        streamable_http_path=MCP_PATH,
-        stateless_http=True,
-        json_response=True,
-        transport_security=keyed if settings.api_key_list else None,
-        host=settings.host,
-    )
-    app.router.routes.extend(http_app.routes)
-    return server.session_manager.run
+    endpoint = McpEndpoint(create_mcp_server(service, settings), settings)
+    app.router.routes.append(Route(MCP_PATH, endpoint=endpoint))
+    return endpoint.running
 
 
 def warm_up(service: RagService) -> None:

@@ -240,6 +240,20 @@ async def test_a_foreign_host_reaches_a_loopback_server_only_with_a_key(
         assert foreign.status_code == 421 and "Host" in foreign.text
 
 
+async def test_mcp_starts_again_with_the_app(faq_db: Settings, embeddings: Any) -> None:
+    """An app's lifespan may run twice in one process; the SDK's session manager runs once."""
+    app = create_app(service=faq_service(with_keys(faq_db), embeddings, llm=None))
+    headers = {**MCP_HEADERS, "Authorization": f"Bearer {KEY}"}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as client:
+        for _ in range(2):
+            async with app.router.lifespan_context(app):
+                listed = await client.post("/mcp", json=TOOLS_LIST, headers=headers)
+                assert listed.status_code == 200 and len(listed.json()["result"]["tools"]) == 3
+        stopped = await client.post("/mcp", json=TOOLS_LIST, headers=headers)
+    assert stopped.status_code == 503 and stopped.json() == {"detail": "the MCP server is not running"}
+
+
 def test_rag_mcp_errors_are_one_line_and_exit_non_zero() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DEEPSEEK_", "MILVUS_", "RAG_"))}
     result = subprocess.run(
