@@ -1,4 +1,4 @@
-"""The `rag` command: ingest, search, ask, serve, stats. It parses, calls and prints."""
+"""The `rag` command: ingest, search, ask, serve, mcp, eval, stats. It parses, calls and prints."""
 
 from __future__ import annotations
 
@@ -195,6 +195,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     return 0
 
 
+def cmd_mcp(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    """Serve the MCP tools over standard input and output, for desktop MCP hosts."""
+    from mcp_server import serve_stdio
+
+    serve_stdio(_service(settings))  # it closes the service when the host hangs up
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     """What the collection holds."""
     from store.milvus import collection_stats
@@ -306,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
         "`milvus-lite server` that rag starts and stops",
     )
     p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser("mcp", help="serve the MCP tools over stdio, for desktop MCP hosts")
+    p.set_defaults(handler=cmd_mcp)
 
     p = sub.add_parser("eval", help="retrieval metrics on a JSONL file of questions")
     p.add_argument("file", help="JSONL rows: question, source (file name), heading")

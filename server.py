@@ -1,4 +1,5 @@
-"""The LangServe app: the chain at /rag, the chat at /chat, the retriever at /retriever, /health."""
+"""The LangServe app: the chain at /rag, the chat at /chat, the retriever at /retriever, the MCP
+tools at /mcp, /health."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
         settings = service.settings if service else get_settings()
     # Imported here, after the settings: importing pymilvus reads MILVUS_URI (see settings.py).
     from chains.llm import describe_llm_error
+    from mcp_server import mount_mcp
     from service import open_service
 
     service = service or open_service(settings)
@@ -51,7 +53,8 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
         # every ~200 answers stalled one for 255 ms (measured here with gc.callbacks).
         gc.collect()
         gc.freeze()
-        yield
+        async with mcp_running():  # the MCP session manager at /mcp
+            yield
         gc.unfreeze()  # an app that stops in a process that goes on (tests) leaves nothing frozen
         service.close()
 
@@ -101,6 +104,7 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
     add_routes(app, service.chat_chain, path="/chat", playground_type="chat")
     add_routes(app, service.configurable_retriever, path="/retriever")
     app.include_router(make_openai_router(service.chain, settings.model_list, settings.deepseek_model))
+    mcp_running = mount_mcp(app, service, settings)
     return app
 
 

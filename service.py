@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any
 
 from langchain_core.runnables import Runnable
+from langchain_core.tools import BaseTool
 
 from chains.rag import AnswerPolicy, build_chat_chain, build_rag_chain
 from chains.retrieval import MilvusRetriever, make_retriever, per_request_settings
@@ -61,6 +62,12 @@ class RagService:
                 if self._store is None:
                     self._store = make_store(self.settings, self.embeddings)
         return self._store
+
+    def tools(self) -> list[BaseTool]:
+        """search_docs and ask_docs over this service, for an agent in this process."""
+        from chains.tools import rag_tools
+
+        return rag_tools(self.configurable_retriever, self.chain)
 
     def chunker(self) -> Chunker:
         """The chunker matched to the embedding model's tokenizer."""

@@ -32,7 +32,7 @@ from pydantic import BaseModel, BeforeValidator, Field, create_model
 from chains.llm import is_retryable, retry_after
 from chains.prompts import CONDENSE_PROMPT, RAG_PROMPT, format_context, format_history
 from errors import InputError, LLMError, LLMTimeoutError, RagError, record_stream_error
-from loaders.markdown import citation
+from loaders.markdown import citation, heading_path
 
 MAX_QUESTION_CHARS = 4000
 MAX_HISTORY_ITEMS = 200

@@ -65,6 +65,11 @@ class Behaviour:
     # DeepSeek "thinking": streamed as `reasoning_content` before the content, only to requests
     # with {"thinking": {"type": "enabled"}}.
     reasoning: str | None = None
+    # Agents (OpenAI's tool-call protocol): a request that offers `tools` and has no tool result
+    # since its last user message is answered with a call of this tool, {"name", "arguments"},
+    # streamed or not as asked (finish_reason "tool_calls"); once a tool result is in, with
+    # `reply`. Requests without tools (the RAG chain's own) are answered with `reply` as usual.
+    tool_call: dict[str, Any] | None = None
     usage: dict[str, int] = field(
         default_factory=lambda: {
             "prompt_tokens": 100,
@@ -83,6 +88,20 @@ def tokens(text: str) -> list[str]:
     parts = [t + " " for t in text.split(" ")]
     parts[-1] = parts[-1].rstrip(" ")
     return parts
+
+
+def wants_tool_call(body: dict[str, Any], behaviour: Behaviour) -> bool:
+    """Whether this request gets `behaviour.tool_call`: it offers tools and no tool answered yet."""
+    if behaviour.tool_call is None or not body.get("tools"):
+        return False
+    roles = [m.get("role") for m in body.get("messages", [])]
+    last_user = max((i for i, role in enumerate(roles) if role == "user"), default=-1)
+    return "tool" not in roles[last_user + 1 :]
+
+
+def argument_pieces(arguments: str, size: int = 8) -> list[str]:
+    """A tool call's JSON arguments in pieces, as OpenAI streams them."""
+    return [arguments[i : i + size] for i in range(0, len(arguments), size)] or [""]
 
 
 def thinking_enabled(body: dict[str, Any]) -> bool:
@@ -228,7 +247,9 @@ class LLMServer:
                 if server._should_fail():
                     self._fail(server.behaviour)
                     return
-                if body.get("stream"):
+                if wants_tool_call(body, server.behaviour):
+                    self._tool_call(body, call_id=f"call_{len(server.requests)}")
+                elif body.get("stream"):
                     self._stream(body)
                 else:
                     self._plain(body)
@@ -263,6 +284,52 @@ class LLMServer:
                         "usage": b.usage,
                     },
                 )
+
+            def _tool_call(self, body: dict[str, Any], call_id: str) -> None:
+                b = server.behaviour
+                assert b.tool_call is not None
+                name, arguments = b.tool_call["name"], json.dumps(b.tool_call.get("arguments", {}))
+                function = {"name": name, "arguments": arguments}
+                if not body.get("stream"):
+                    call = {"id": call_id, "type": "function", "function": function}
+                    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+                    self._json(
+                        200,
+                        {
+                            "id": "chatcmpl-test",
+                            "object": "chat.completion",
+                            "created": int(time.time()),
+                            "model": body.get("model"),
+                            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+                            "usage": b.usage,
+                        },
+                    )
+                    return
+                base = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "model": body.get("model")}
+
+                def delta(call: dict[str, Any], **fields: Any) -> dict[str, Any]:
+                    return {**base, "choices": [{"index": 0, "delta": {**fields, "tool_calls": [call]}}]}
+
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                # The first chunk names the call, the next ones carry its arguments in pieces.
+                opening = {
+                    "index": 0,
+                    "id": call_id,
+                    "type": "function",
+                    "function": {**function, "arguments": ""},
+                }
+                self._event(delta(opening, role="assistant", content=None))
+                for piece in argument_pieces(arguments):
+                    self._event(delta({"index": 0, "function": {"arguments": piece}}))
+                self._event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    self._event({**base, "choices": [], "usage": b.usage})
+                self._event("[DONE]")
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
 
             def _chunk(self, data: bytes) -> None:
                 # The first write after the client closed usually still succeeds, so look first.

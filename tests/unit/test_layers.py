@@ -23,6 +23,7 @@ LAYERS = {
     "server": 4,
     "workers": 4,
     "cli": 4,
+    "mcp_server": 4,
 }
 
 
@@ -72,12 +73,14 @@ def test_importing_every_module_reads_no_settings_and_touches_no_environment() -
         "chains.retrieval",
         "chains.rag",
         "chains.llm",
+        "chains.tools",
         "service",
         "openai_api",
         "pages",
         "server",
         "cli",
         "workers",
+        "mcp_server",
     ]
     script = (
         "import os, sys\n"
