@@ -176,10 +176,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
 
     import uvicorn
 
+    from observability import log_config
     from server import create_app
 
     print(f"serving on http://{host}:{port} (playground: /rag/playground/)", file=out, flush=True)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", log_config=log_config(settings))
     return 0
 
 

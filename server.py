@@ -18,6 +18,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from errors import STREAM_ERRORS, LLMError, RagError
+from observability import Observability, log_config
 from openai_api import make_openai_router
 from settings import Settings, get_settings
 
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
 
     service = service or open_service(settings)
     _run_langserve_callbacks_inline()
+    observability = Observability.create(settings, service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -51,9 +53,11 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
         # every ~200 answers stalled one for 255 ms (measured here with gc.callbacks).
         gc.collect()
         gc.freeze()
+        log.info("ready")
         yield
         gc.unfreeze()  # an app that stops in a process that goes on (tests) leaves nothing frozen
         service.close()
+        observability.process_exit()
 
     app = FastAPI(
         title="milvus-deepseek-rag",
@@ -68,6 +72,8 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
     app.add_middleware(StreamErrorMiddleware)
     if settings.api_key_list:
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list)
+    # Request ids, HTTP metrics, /metrics (behind the API keys like every route but /health).
+    observability.install(app)
 
     @app.exception_handler(RagError)
     async def rag_error(_: Request, exc: RagError) -> JSONResponse:
@@ -77,11 +83,6 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
     async def llm_error(_: Request, exc: openai.APIError) -> JSONResponse:
         error = describe_llm_error(exc, settings.deepseek_base_url) or LLMError(str(exc))
         return JSONResponse(status_code=error.status_code, content={"detail": str(error)})
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return JSONResponse(status_code=500, content={"detail": f"internal error: {type(exc).__name__}"})
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -94,10 +95,12 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
     async def index() -> RedirectResponse:
         return RedirectResponse("/rag/playground/")
 
-    add_routes(app, service.chain, path="/rag")
-    add_routes(app, service.chat_chain, path="/chat", playground_type="chat")
-    add_routes(app, service.configurable_retriever, path="/retriever")
-    app.include_router(make_openai_router(service.chain, settings.model_list, settings.deepseek_model))
+    # Each served runnable reports to the metrics through a LangChain callback handler.
+    chain = observability.watch(service.chain)
+    add_routes(app, chain, path="/rag")
+    add_routes(app, observability.watch(service.chat_chain), path="/chat", playground_type="chat")
+    add_routes(app, observability.watch(service.configurable_retriever), path="/retriever")
+    app.include_router(make_openai_router(chain, settings.model_list, settings.deepseek_model))
     return app
 
 
@@ -205,7 +208,7 @@ def main() -> None:
     import uvicorn
 
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=log_config(settings))
 
 
 if __name__ == "__main__":

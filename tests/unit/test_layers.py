@@ -21,6 +21,7 @@ LAYERS = {
     "openai_api": 4,
     "server": 4,
     "workers": 4,
+    "observability": 4,
     "cli": 4,
 }
 
@@ -66,6 +67,7 @@ def test_importing_every_module_reads_no_settings_and_touches_no_environment() -
         "loaders.markdown",
         "loaders.sources",
         "store.milvus",
+        "store.lite_file",
         "store.indexing",
         "store.embeddings",
         "chains.retrieval",
@@ -74,6 +76,7 @@ def test_importing_every_module_reads_no_settings_and_touches_no_environment() -
         "service",
         "openai_api",
         "server",
+        "observability",
         "cli",
         "workers",
     ]
