@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from errors import LLMError
+from errors import LLMError, LLMTimeoutError
 from settings import Settings
 
 if TYPE_CHECKING:
@@ -163,7 +163,8 @@ class Metrics:
         )
         self.llm_errors = Counter(
             "rag_deepseek_errors",
-            "Failed DeepSeek calls, retried ones included, by error type.",
+            "Failed DeepSeek calls, retried ones included, by error: an HTTP status, timeout, "
+            "connection, or the exception's type.",
             ["error"],
             registry=registry,
         )
@@ -206,6 +207,20 @@ class StoreCollector:
             log.warning("chunks in the store not counted: %s", exc)
             return
         yield GaugeMetricFamily("rag_store_chunks", "Chunks in the collection.", value=chunks)
+
+
+def error_kind(error: BaseException) -> str:
+    """The `error` label of a failed DeepSeek call: by the openai client's exception classes
+    (LangChain's integrations raise subclasses of them), not by their names."""
+    import openai
+
+    if isinstance(error, openai.APIStatusError):
+        return str(error.status_code)
+    if isinstance(error, openai.APITimeoutError | LLMTimeoutError):  # no answer in time, or a stall
+        return "timeout"
+    if isinstance(error, openai.APIConnectionError):
+        return "connection"
+    return type(error).__name__
 
 
 @dataclass
@@ -268,7 +283,7 @@ class ChainMetricsHandler(BaseCallbackHandler):
         # was counted at its call, which is then the last one, failed.
         answer = self.answers.get(run_id) if self.answer_of.get(run_id) == run_id else None
         if answer is not None and isinstance(error, LLMError) and not answer.llm_failed:
-            self.metrics.llm_errors.labels(type(error).__name__).inc()
+            self.metrics.llm_errors.labels(error_kind(error)).inc()
         self._end(run_id)
 
     def on_retriever_start(
@@ -341,7 +356,7 @@ class ChainMetricsHandler(BaseCallbackHandler):
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         # Closed by us (a stall, the deadline, a client that left): not DeepSeek's failure.
         if not isinstance(error, GeneratorExit | asyncio.CancelledError):
-            self.metrics.llm_errors.labels(type(error).__name__).inc()
+            self.metrics.llm_errors.labels(error_kind(error)).inc()
             answer = self._answer(run_id)
             if answer is not None:
                 answer.llm_failed = True

@@ -98,6 +98,18 @@ class Output:
                 pytest.fail(f"the process ended before {pattern.pattern!r}:\n" + "\n".join(self.lines))
             self.lines.append(line)
 
+    def until_end(self, timeout: float = 30) -> list[str]:
+        """Everything printed, once the process has closed its output."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail("the process's output did not end in time:\n" + "\n".join(self.lines))
+            if line is None:
+                return self.lines
+            self.lines.append(line)
+
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
@@ -131,9 +143,11 @@ def is_ready(record: dict[str, Any]) -> bool:
     return bool(record["logger"] == "server" and record["message"] == "ready")
 
 
-def scrape(base: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def scrape(
+    base: str, headers: dict[str, str] | None = None
+) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """GET /metrics, as Prometheus would: {(sample name, labels): value}."""
-    response = httpx.get(f"{base}/metrics", timeout=30)
+    response = httpx.get(f"{base}/metrics", headers=headers, timeout=30)
     assert response.status_code == 200, response.text
     return {
         (s.name, frozenset(s.labels.items())): s.value
