@@ -327,7 +327,9 @@ class ChainMetricsHandler(BaseCallbackHandler):
             self.metrics.llm_retries.inc()
             answer.llm_failed = False
 
-    def on_llm_new_token(self, token: str, *, run_id: UUID, chunk: Any = None, **kwargs: Any) -> None:
+    def on_llm_new_token(
+        self, token: str | list[str | dict[str, Any]], *, run_id: UUID, chunk: Any = None, **kwargs: Any
+    ) -> None:
         answer = self._answer(run_id)
         if answer is None or answer.answering or not answer.retrieved:
             return

@@ -69,7 +69,9 @@ def test_metrics_request_ids_and_json_logs_of_one_worker(
         assert before[("rag_http_requests_total", labels(method="GET", route="/metrics", status="401"))] == 1
 
         # An answer streamed through LangServe's client, with a request id of the caller's.
-        chain = RemoteRunnable(f"{base}/rag/", headers={**headers, "X-Request-ID": "answer-1"})
+        chain: RemoteRunnable = RemoteRunnable(
+            f"{base}/rag/", headers={**headers, "X-Request-ID": "answer-1"}
+        )
         chunks: list[dict[str, Any]] = list(chain.stream({"question": QUESTION}))
         assert "".join(c.get("answer", "") for c in chunks) == llm_server.behaviour.reply
 

@@ -32,7 +32,7 @@ def declared() -> set[str]:
 
 @functools.cache
 def providers() -> dict[str, list[str]]:
-    return importlib.metadata.packages_distributions()
+    return dict(importlib.metadata.packages_distributions())
 
 
 def imported_modules() -> dict[str, set[str]]:
