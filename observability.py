@@ -124,6 +124,9 @@ def log_config(settings: Settings) -> dict[str, Any]:
             "uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
             "uvicorn.error": {"level": "INFO"},
             "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+            # pymilvus gives its logger a handler of its own when imported: ours replaces it
+            # (apply this after importing pymilvus, as the entry points do).
+            "pymilvus": {"handlers": ["default"], "level": "WARNING", "propagate": False},
             **{name: {"level": "INFO"} for name in OWN_LOGGERS},
         },
         "root": {"handlers": ["default"], "level": "WARNING"},
@@ -257,7 +260,8 @@ class ChainMetricsHandler(BaseCallbackHandler):
             self.answers.clear()
             self.answer_of.clear()
             self.retrievals.clear()
-        top = run_id if parent_run_id is None else self.answer_of.get(parent_run_id, parent_run_id)
+        # A run whose parent this handler never saw starts an answer of its own.
+        top = self.answer_of.get(parent_run_id, run_id) if parent_run_id is not None else run_id
         self.answer_of[run_id] = top
         return self.answers.setdefault(top, _Answer(time.perf_counter()))
 
@@ -284,6 +288,17 @@ class ChainMetricsHandler(BaseCallbackHandler):
         answer = self.answers.get(run_id) if self.answer_of.get(run_id) == run_id else None
         if answer is not None and isinstance(error, LLMError) and not answer.llm_failed:
             self.metrics.llm_errors.labels(error_kind(error)).inc()
+        self._end(run_id)
+
+    def on_tool_start(
+        self, serialized: Any, input_str: str, *, run_id: UUID, parent_run_id: UUID | None = None, **kw: Any
+    ) -> None:
+        self._start(run_id, parent_run_id)
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._end(run_id)
+
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._end(run_id)
 
     def on_retriever_start(

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from errors import STREAM_ERRORS, LLMError, RagError
 from observability import Observability, log_config
 from openai_api import make_openai_router
-from settings import Settings, get_settings
+from settings import Settings, get_settings, import_pymilvus_safely
 
 if TYPE_CHECKING:
     from service import RagService
@@ -208,6 +208,7 @@ def main() -> None:
     import uvicorn
 
     settings = get_settings()
+    import_pymilvus_safely()  # before the log configuration: pymilvus sets up its logger on import
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=log_config(settings))
 
 

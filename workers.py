@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging.config
 import os
 import signal
 import socket
@@ -100,8 +101,12 @@ def milvus_answers(uri: str, timeout: float = 5.0) -> bool:
     import_pymilvus_safely()
     from pymilvus import MilvusClient
 
+    from store.milvus import GRPC_OPTIONS
+
     try:
-        client = MilvusClient(uri=uri, timeout=timeout)
+        # pymilvus keeps the connection for later clients of this address: with the store's
+        # keep-alive options, or the server's "too many pings" breaks them.
+        client = MilvusClient(uri=uri, timeout=timeout, grpc_options=GRPC_OPTIONS)
         try:
             client.get_server_version()
         finally:
@@ -272,9 +277,16 @@ def create_app() -> Any:
     parent = multiprocessing.parent_process()
     if parent is not None and parent.pid != os.getppid():  # it died before we asked
         raise SystemExit("rag serve stopped while this worker started")
+    from observability import log_config
     from server import create_app as create_server_app
+    from settings import get_settings
 
-    return create_server_app()
+    # pymilvus configures its own logger when it is first imported, which would undo the log
+    # configuration uvicorn applied in this worker: import it, then apply ours again.
+    settings = get_settings()
+    import_pymilvus_safely()
+    logging.config.dictConfig(log_config(settings))
+    return create_server_app(settings)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -118,6 +118,17 @@ async def test_concurrent_answers_are_told_apart(registry: CollectorRegistry) ->
     assert not handler.answers and not handler.answer_of
 
 
+def test_runs_whose_parent_was_never_seen_are_answers_of_their_own(registry: CollectorRegistry) -> None:
+    from uuid import uuid4
+
+    handler = ChainMetricsHandler(Metrics(registry))
+    unseen, run = uuid4(), uuid4()
+    handler.on_retriever_start({}, "q", run_id=run, parent_run_id=unseen)
+    handler.on_retriever_end([], run_id=run)
+    assert value(registry, "rag_retrieval_duration_seconds_count") == 1
+    assert not handler.answers and not handler.answer_of and not handler.retrievals
+
+
 class FakeStore:
     def count(self) -> int:
         return 42
@@ -231,12 +242,16 @@ def configured_logging() -> Iterator[None]:
 async def test_json_log_lines_carry_the_request_id(
     configured_logging: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    import pymilvus  # noqa: F401  (as the entry points do: it configures its logger on import)
+
     logging.config.dictConfig(log_config(Settings(_env_file=None, RAG_LOG_FORMAT="json")))
+    logging.getLogger("pymilvus.decorators").error("RPC error: [search]")
     app, _ = small_app()
     async with client(app) as http:
         await http.get("/items/a", headers={"X-Request-ID": "json-1"})
         await http.get("/broken", headers={"X-Request-ID": "json-2"})
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]  # each line is JSON
+    assert lines[0]["logger"] == "pymilvus.decorators" and lines[0]["request_id"] == "-"
     served = [line for line in lines if line["request_id"] == "json-1"]
     assert [(line["logger"], line["level"], line["message"]) for line in served] == [
         ("server", "WARNING", "serving a")
