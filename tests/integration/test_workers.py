@@ -22,8 +22,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from errors import StoreError
 from settings import Settings
-from workers import free_port, settings_environment
+from workers import LiteServer, free_port, settings_environment
 
 pytestmark = pytest.mark.integration
 
@@ -316,3 +317,28 @@ def test_settings_reach_the_workers_through_the_environment(monkeypatch: pytest.
     expected = settings.model_copy(update={"milvus_uri": "http://127.0.0.1:1234"})
     assert worker.model_dump() == expected.model_dump()
     assert worker.deepseek_api_key is not None and worker.deepseek_api_key.get_secret_value() == "sk-test"
+
+
+def test_a_store_that_cannot_start_says_why(tmp_path: Path) -> None:
+    data = tmp_path / "not-a-directory.db"
+    data.write_text("")
+    with pytest.raises(StoreError, match=r"could not serve .*not-a-directory\.db: FileExistsError"):
+        LiteServer.start(data, timeout=60)
+
+
+def running_with_argument(argument: str) -> list[int]:
+    """Process ids whose command line has `argument` (Linux /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if argument in cmdline.read_bytes().decode(errors="replace").split("\0"):
+                found.append(int(cmdline.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_store_that_does_not_answer_in_time_is_stopped(tmp_path: Path) -> None:
+    data = tmp_path / "store.db"
+    with pytest.raises(StoreError, match=r"did not answer within 0 s"):
+        LiteServer.start(data, timeout=0)
+    assert not running_with_argument(str(data)), "the milvus-lite server was left running"
