@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from errors import InputError, RagError, SourceError
-from settings import Settings, get_settings
+from settings import Settings, get_settings, import_pymilvus_safely
 
 PROJECT_DOCS = Path(__file__).resolve().parent / "docs"
 EXIT_ERROR = 1
@@ -188,10 +188,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
 
     import uvicorn
 
+    from observability import log_config
     from server import create_app
 
     print(f"serving on http://{host}:{port} (open it in a browser)", file=out, flush=True)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", log_config=log_config(settings))
     return 0
 
 
@@ -338,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
+    # Imported first: pymilvus sets its logger's level when it is imported.
+    import_pymilvus_safely()
     for name in ("pymilvus", "milvus_lite", "grpc", "httpx", "sentence_transformers", "transformers"):
         # pymilvus logs a traceback for every failed RPC; we print one line instead.
         logging.getLogger(name).setLevel(logging.CRITICAL)

@@ -18,9 +18,10 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from errors import STREAM_ERRORS, LLMError, RagError
+from observability import Observability, log_config
 from openai_api import make_openai_router
 from pages import OPEN_PATHS, make_pages_router, presented_key, valid_key
-from settings import Settings, get_settings
+from settings import Settings, get_settings, import_pymilvus_safely
 
 if TYPE_CHECKING:
     from service import RagService
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
 
     service = service or open_service(settings)
     _run_langserve_callbacks_inline()
+    observability = Observability.create(settings, service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -53,10 +55,12 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
         # every ~200 answers stalled one for 255 ms (measured here with gc.callbacks).
         gc.collect()
         gc.freeze()
+        log.info("ready")
         async with mcp_running():  # the MCP session manager at /mcp
             yield
         gc.unfreeze()  # an app that stops in a process that goes on (tests) leaves nothing frozen
         service.close()
+        observability.process_exit()
 
     app = FastAPI(
         title="milvus-deepseek-rag",
@@ -71,6 +75,8 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
     app.add_middleware(StreamErrorMiddleware)
     if settings.api_key_list:
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list)
+    # Request ids, HTTP metrics, /metrics (behind the API keys like every route but /health).
+    observability.install(app)
 
     @app.exception_handler(RagError)
     async def rag_error(_: Request, exc: RagError) -> JSONResponse:
@@ -80,11 +86,6 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
     async def llm_error(_: Request, exc: openai.APIError) -> JSONResponse:
         error = describe_llm_error(exc, settings.deepseek_base_url) or LLMError(str(exc))
         return JSONResponse(status_code=error.status_code, content={"detail": str(error)})
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return JSONResponse(status_code=500, content={"detail": f"internal error: {type(exc).__name__}"})
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -100,10 +101,12 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
 
     app.include_router(make_pages_router(service))
 
-    add_routes(app, service.chain, path="/rag")
-    add_routes(app, service.chat_chain, path="/chat", playground_type="chat")
-    add_routes(app, service.configurable_retriever, path="/retriever")
-    app.include_router(make_openai_router(service.chain, settings.model_list, settings.deepseek_model))
+    # Each served runnable reports to the metrics through a LangChain callback handler.
+    chain = observability.watch(service.chain)
+    add_routes(app, chain, path="/rag")
+    add_routes(app, observability.watch(service.chat_chain), path="/chat", playground_type="chat")
+    add_routes(app, observability.watch(service.configurable_retriever), path="/retriever")
+    app.include_router(make_openai_router(chain, settings.model_list, settings.deepseek_model))
     mcp_running = mount_mcp(app, service, settings)
     return app
 
@@ -226,7 +229,8 @@ def main() -> None:
     import uvicorn
 
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    import_pymilvus_safely()  # before the log configuration: pymilvus sets up its logger on import
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=log_config(settings))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = Field(default=None, alias="RAG_API_KEYS")
     host: str = Field(default="127.0.0.1", alias="RAG_HOST")
     port: int = Field(default=8000, alias="RAG_PORT", ge=1, le=65535)
+    # Log lines as text, or as one JSON object per line (for a log collector).
+    log_format: Literal["text", "json"] = Field(default="text", alias="RAG_LOG_FORMAT")
+    # prometheus-client's own variable: set, metrics go to files there that every process
+    # writing to it shares (multiprocess mode). `rag serve --workers N` sets it for its workers;
+    # prometheus-client reads it from the environment when it is imported, so set it there,
+    # not in .env.
+    prometheus_multiproc_dir: str | None = Field(default=None, alias="PROMETHEUS_MULTIPROC_DIR")
 
     @property
     def llm_configured(self) -> bool:

@@ -121,15 +121,14 @@ class MilvusRetriever(BaseRetriever):
     def _rank(
         self, store: RagStore, query: str, k: int, mode: SearchMode, filter_expr: str
     ) -> list[dict[str, Any]]:
-        """Hits best first, each {"pk", "distance" (our score), "entity": the stored fields}."""
+        """Hits best first, each {"pk", "score" (higher is better), "entity": the stored fields}."""
         # Candidates per list: enough to fill k distinct sections after collapsing.
         limit = min(max(k * 4, CANDIDATES), 16384)
 
         def search(data: Any, field: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-            hits = store.search(data, field, limit, filter_expr, params)
-            return [{**h, "distance": abs(h["distance"])} for h in hits]
+            return store.search(data, field, limit, filter_expr, params)
 
-        if mode == "sparse":  # (Milvus Lite reports BM25 scores negated: abs() above)
+        if mode == "sparse":
             return search(query, SPARSE_FIELD, SPARSE_SEARCH)
         # One search scores cos(chunk) + 0.5·cos(heading): see store.milvus.DENSE_FIELD.
         dense = search(
@@ -148,9 +147,9 @@ def scale(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """BM25 scores min-max scaled to 0..1 within the list (they are unbounded)."""
     if not hits:
         return hits
-    low, high = min(h["distance"] for h in hits), max(h["distance"] for h in hits)
+    low, high = min(h["score"] for h in hits), max(h["score"] for h in hits)
     span = (high - low) or 1.0
-    return [{**h, "distance": (h["distance"] - low) / span} for h in hits]
+    return [{**h, "score": (h["score"] - low) / span} for h in hits]
 
 
 def fuse(lists: list[tuple[float, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
@@ -164,12 +163,12 @@ def fuse(lists: list[tuple[float, list[dict[str, Any]]]]) -> list[dict[str, Any]
     merged = {h["pk"]: h for _, hits in reversed(lists) for h in hits}
     total = dict.fromkeys(merged, 0.0)
     for weight, hits in lists:
-        floor = min((h["distance"] for h in hits), default=0.0)
-        scores = {h["pk"]: h["distance"] for h in hits}
+        floor = min((h["score"] for h in hits), default=0.0)
+        scores = {h["pk"]: h["score"] for h in hits}
         for pk in merged:
             total[pk] += weight * scores.get(pk, floor)
     ranked = sorted(merged.values(), key=lambda h: -total[h["pk"]])
-    return [{**h, "distance": total[h["pk"]]} for h in ranked]
+    return [{**h, "score": total[h["pk"]]} for h in ranked]
 
 
 def collapse_sections(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -185,9 +184,9 @@ def collapse_sections(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def to_document(hit: dict[str, Any]) -> Document:
-    """A LangChain Document from one pymilvus search hit."""
+    """A LangChain Document from one hit of `RagStore.search` (or of `fuse`)."""
     entity = hit.get("entity", hit)
-    score = float(hit.get("distance", 0.0))
+    score = float(hit.get("score", 0.0))
     return Document(
         page_content=entity.get(TEXT_FIELD, ""),
         metadata={

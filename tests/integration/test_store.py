@@ -284,38 +284,58 @@ def test_dense_score_is_chunk_plus_half_heading_similarity(
     assert scores == sorted(scores, reverse=True)
 
 
-def test_lite_files_are_searched_in_process_with_the_hits_of_grpc(setup: Any) -> None:
-    from store.milvus import DENSE_FIELD, DENSE_SEARCH, OUTPUT_FIELDS, SPARSE_FIELD, SPARSE_SEARCH
+def test_every_field_scores_higher_is_better_and_lite_still_negates_bm25(setup: Any) -> None:
+    from store.milvus import DENSE_FIELD, DENSE_SEARCH, SPARSE_FIELD, SPARSE_SEARCH
 
-    settings, model, store, chunker, root = setup
+    _, model, store, chunker, root = setup
     ingest([str(root)], store, chunker, progress=False)
     queries = [
-        (DENSE_FIELD, model.embed_query("where are the chunks kept?"), DENSE_SEARCH),
-        (SPARSE_FIELD, "etcd pod pending storage", SPARSE_SEARCH),
+        (DENSE_FIELD, model.embed_query("etcd pod pending PersistentVolumeClaim"), DENSE_SEARCH),
+        (SPARSE_FIELD, "etcd pod pending PersistentVolumeClaim", SPARSE_SEARCH),
     ]
-    for filter_expr in ("", 'source like "guide/%"', 'chunk_index >= 0 and source != "faq/etcd.md"'):
-        for field, data, params in queries:
-            hits = store.search(data, field, 10, filter_expr, params)
-            over_grpc = store.client.search(
-                store.collection,
-                data=[data],
-                anns_field=field,
-                limit=10,
-                filter=filter_expr,
-                output_fields=OUTPUT_FIELDS,
-                search_params=params,
-            )[0]
-            assert hits, (field, filter_expr)
-            assert [(h["pk"], h["entity"]) for h in hits] == [(h["pk"], dict(h["entity"])) for h in over_grpc]
-            expected = [h["distance"] for h in over_grpc]
-            assert [h["distance"] for h in hits] == pytest.approx(expected, abs=1e-5)
-    assert store.searches_in_process is not settings.milvus_is_server
-    with pytest.raises(Exception, match="nosuchfield"):
-        store.search("etcd", SPARSE_FIELD, 10, "nosuchfield == 1", SPARSE_SEARCH)
-    # A dropped collection fails the search instead of answering from what it held.
-    store.client.drop_collection(store.collection)
-    with pytest.raises(Exception, match=store.collection):
-        store.search("etcd", SPARSE_FIELD, 10, "", SPARSE_SEARCH)
+    for field, data, params in queries:
+        hits = store.search(data, field, 10, "", params)
+        scores = [h["score"] for h in hits]
+        assert hits[0]["entity"]["source"] == "faq/etcd.md", field
+        assert scores == sorted(scores, reverse=True), field
+        assert scores[0] > 0, field
+    # Both backends here are Milvus Lite (a file, and `milvus-lite server`), which reports a BM25
+    # hit's distance negated; store.milvus.score takes its size. If this fails, Lite changed its
+    # convention: check store.milvus.score against the new one.
+    raw = store.client.search(
+        store.collection, data=[queries[1][1]], anns_field=SPARSE_FIELD, limit=3, search_params=SPARSE_SEARCH
+    )[0]
+    assert raw and all(h["distance"] < 0 for h in raw)
+
+
+def test_a_closed_lite_file_can_be_opened_by_another_process(
+    make_settings: Any, embeddings: PymilvusEmbeddings, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from store.milvus import connection_args
+
+    settings = make_settings(MILVUS_URI=str(tmp_path / "released.db"))
+    store = make_store(settings, embeddings)
+    assert not store.exists()  # opened (and the file locked) by this process
+    store.close()
+    # As `rag ingest` beside a stopped `rag serve`: Milvus Lite lets one process hold a file.
+    script = (
+        "import sys; from pymilvus import MilvusClient\n"
+        "client = MilvusClient(uri=sys.argv[1]); print(client.list_collections()); client.close()"
+    )
+    uri = connection_args(settings)["uri"]
+    opened = subprocess.run(
+        [sys.executable, "-c", script, uri],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MILVUS_URI": ""},
+    )
+    assert opened.returncode == 0, opened.stderr[-2000:]
+    assert opened.stdout.strip() == "[]"
 
 
 def test_bad_files_are_skipped_and_nothing_stored_is_lost(setup: Any) -> None:

@@ -22,6 +22,7 @@ LAYERS = {
     "pages": 4,
     "server": 4,
     "workers": 4,
+    "observability": 4,
     "cli": 4,
     "mcp_server": 4,
 }
@@ -68,6 +69,7 @@ def test_importing_every_module_reads_no_settings_and_touches_no_environment() -
         "loaders.markdown",
         "loaders.sources",
         "store.milvus",
+        "store.lite_file",
         "store.indexing",
         "store.embeddings",
         "chains.retrieval",
@@ -78,6 +80,7 @@ def test_importing_every_module_reads_no_settings_and_touches_no_environment() -
         "openai_api",
         "pages",
         "server",
+        "observability",
         "cli",
         "workers",
         "mcp_server",
