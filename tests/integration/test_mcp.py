@@ -31,7 +31,6 @@ from tests.integration.test_workers import (
     RAG,
     STARTUP_TIMEOUT,
     STORE_LINE,
-    WORKER_READY,
     kill_leftovers,
     serve_two_workers,
 )
@@ -263,6 +262,8 @@ def test_rag_mcp_errors_are_one_line_and_exit_non_zero() -> None:
     assert result.stderr.strip().startswith("rag: error: invalid configuration (RAG_TOP_K)"), result.stderr
 
 
+# The text log line each worker writes once it serves (observability.TEXT_FORMAT).
+WORKER_READY = re.compile(r"\[(\d+)\] server \[[^\]]*\] ready$")
 MCP_SERVED = re.compile(r"\[(\d+)\] .*\"POST /mcp HTTP/1\.1\" 200")
 
 
