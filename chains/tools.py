@@ -12,6 +12,7 @@ API key, DeepSeek down) come back as the tool's result with the reason, marked a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -210,9 +211,13 @@ def ask_docs_tool(chain: Runnable, *, where: str = "") -> BaseTool:
             )
         return answer_with_sources(output), output
 
-    tool = RunnableLambda(ask, afunc=aask, name=ASK_DOCS).as_tool(
-        args_schema=AskDocsInput, name=ASK_DOCS, description=ASK_DESCRIPTION
-    )
+    with warnings.catch_warnings():
+        # as_tool is marked beta, and LangChain warns about it once per process, in every
+        # server's and `rag mcp`'s output; the warning's class is not public, its text is.
+        warnings.filterwarnings("ignore", message="This API is in beta")
+        tool = RunnableLambda(ask, afunc=aask, name=ASK_DOCS).as_tool(
+            args_schema=AskDocsInput, name=ASK_DOCS, description=ASK_DESCRIPTION
+        )
     # as_tool takes no such arguments; both are public fields of the BaseTool it returns.
     tool.response_format = "content_and_artifact"
     tool.handle_tool_error = True
