@@ -10,7 +10,7 @@ from langchain_core.messages import AIMessage, HumanMessage
 
 from chains.prompts import CONDENSE_SYSTEM_PROMPT, SYSTEM_PROMPT
 from chains.rag import AnswerPolicy, build_chat_chain, build_rag_chain
-from errors import LLMError, LLMTimeoutError
+from errors import LLMError, LLMTimeoutError, StoreError
 from tests.unit.fakes import FAQ_DOCS, FixedRetriever, RecordingChat, openai_http
 
 QUESTION = "Where does Milvus store data?"
@@ -112,6 +112,45 @@ async def test_without_llm_history_widens_the_search() -> None:
     chain = build_rag_chain(retriever, None)
     await collect(chain, {"question": "and how do I change it?", "chat_history": [("human", QUESTION)]})
     assert retriever.queries == [f"{QUESTION}\nand how do I change it?"]
+
+
+@pytest.mark.parametrize(("configurable", "thinking"), [(None, "disabled"), ({"thinking": True}, "enabled")])
+async def test_the_answer_thinks_only_when_the_request_asks(
+    configurable: dict[str, Any] | None, thinking: str
+) -> None:
+    llm = RecordingChat()
+    chain = chain_with(llm)
+    history = [("human", QUESTION), ("ai", "In MinIO or S3 [1].")]
+    config = {"configurable": configurable} if configurable else None
+
+    await collect(chain, {"question": "and then?", "chat_history": history}, **(config or {}))
+
+    condense, answer = llm.call_kwargs
+    assert condense["extra_body"] == {"thinking": {"type": "disabled"}}  # never needed to rewrite
+    assert answer["extra_body"] == {"thinking": {"type": thinking}}
+
+
+def test_thinking_is_a_setting_of_the_chain_only_with_a_model() -> None:
+    with_model = {s.id: s for s in chain_with(RecordingChat()).config_specs}
+    assert with_model["thinking"].annotation is bool and with_model["thinking"].default is False
+    offline = build_rag_chain(FixedRetriever(documents=FAQ_DOCS), None)
+    assert "thinking" not in {s.id for s in offline.config_specs}
+
+
+async def test_a_failure_before_any_chunk_still_streams_its_reason() -> None:
+    class Down(FixedRetriever):
+        def _get_relevant_documents(self, query: str, *, run_manager: Any = None) -> list[Any]:
+            raise StoreError("cannot reach Milvus at http://milvus.invalid:19530")
+
+    chunks: list[dict[str, Any]] = []
+    with pytest.raises(StoreError):
+        async for chunk in build_rag_chain(Down(), RecordingChat(), policy=FAST).astream(
+            {"question": QUESTION}
+        ):
+            chunks.append(chunk)
+    assert chunks == [
+        {"error": {"status_code": 503, "message": "cannot reach Milvus at http://milvus.invalid:19530"}}
+    ]
 
 
 @pytest.mark.parametrize("status", [429, 500, 503])
