@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
@@ -305,3 +307,52 @@ def test_temperature_outside_0_to_2_is_refused(temperature: float) -> None:
     with pytest.raises(InputError, match="temperature"):
         chain.invoke({"question": QUESTION})
     assert llm.calls == []
+
+
+async def test_the_model_stream_is_closed_to_the_end_when_its_reader_is_cancelled_again_and_again() -> None:
+    # A client that leaves: anyio cancels the answering task again and again until it is done.
+    # The model's stream, whose close is what closes the request to DeepSeek, must still close.
+    from chains.rag import ReadInTask
+
+    first_read, closed = asyncio.Event(), asyncio.Event()
+
+    async def model_stream() -> AsyncIterator[str]:
+        try:
+            yield "Milvus "
+            await asyncio.Event().wait()  # an upstream that goes silent
+        finally:
+            for _ in range(5):  # a close that takes a few turns of the loop, as a socket's does
+                await asyncio.sleep(0)
+            closed.set()
+
+    async def answer() -> None:
+        async with ReadInTask(model_stream()) as stream:
+            assert await stream.next() == "Milvus "
+            first_read.set()
+            await stream.next()
+
+    task = asyncio.create_task(answer())
+    await first_read.wait()
+    while not task.done():
+        task.cancel()
+        await asyncio.sleep(0)  # one turn of the loop between cancellations, as anyio does
+    await asyncio.wait_for(closed.wait(), 5)
+
+
+async def test_read_in_task_hands_over_items_the_end_and_errors() -> None:
+    from chains.rag import ReadInTask
+
+    async def items() -> AsyncIterator[int]:
+        yield 1
+        yield 2
+
+    async def failing() -> AsyncIterator[int]:
+        yield 1
+        raise LLMError("broken")
+
+    async with ReadInTask(items()) as stream:
+        assert [await stream.next(), await stream.next(), await stream.next()] == [1, 2, None]
+    async with ReadInTask(failing()) as stream:
+        assert await stream.next() == 1
+        with pytest.raises(LLMError, match="broken"):
+            await stream.next()
