@@ -407,6 +407,9 @@ class ReadInTask:
         try:
             async for item in stream:
                 self._received.put_nowait((item, None))
+                # Let the consumer take it now: a burst that is already buffered would
+                # otherwise be read to its end before the first piece moves on.
+                await asyncio.sleep(0)
             self._received.put_nowait((_END, None))
         except Exception as exc:  # raised to the consumer by next()
             self._received.put_nowait((_END, exc))
