@@ -22,7 +22,10 @@ USAGE = {
     "total_tokens": 129,
     "input_token_details": {"cache_read": 96},
 }
-FAST = AnswerPolicy(deadline=5.0, stall_timeout=0.2, max_retries=2, retry_backoff=0.0)
+# No waiting between retries, and limits that only tests of the limits reach: a stall limit of
+# a fraction of a second was hit by a garbage collection pause on a busy machine.
+FAST = AnswerPolicy(deadline=10.0, stall_timeout=10.0, max_retries=2, retry_backoff=0.0)
+QUICK_STALL = AnswerPolicy(deadline=10.0, stall_timeout=0.2, max_retries=2, retry_backoff=0.0)
 
 
 def status_error(status: int, headers: dict[str, str] | None = None) -> openai.APIStatusError:
@@ -215,7 +218,7 @@ async def test_a_stalled_stream_ends_with_a_timeout_error() -> None:
     llm = RecordingChat(stall_after=2)
     chunks: list[dict[str, Any]] = []
     with pytest.raises(LLMTimeoutError, match="stalled"):
-        async for chunk in chain_with(llm).astream({"question": QUESTION}):
+        async for chunk in chain_with(llm, QUICK_STALL).astream({"question": QUESTION}):
             chunks.append(chunk)
     assert [c["answer"] for c in chunks if "answer" in c] == ["Milvus ", "stores "]
     assert chunks[-1]["error"]["status_code"] == 504
@@ -239,8 +242,8 @@ async def test_an_empty_answer_is_an_error() -> None:
 
 def test_sync_stream_enforces_the_same_limits() -> None:
     llm = RecordingChat(stall_after=1)
-    with pytest.raises(LLMTimeoutError):
-        list(chain_with(llm).stream({"question": QUESTION}))
+    with pytest.raises(LLMTimeoutError, match="stalled"):
+        list(chain_with(llm, QUICK_STALL).stream({"question": QUESTION}))
 
 
 async def test_chat_chain_streams_text_with_sources_under_it() -> None:
