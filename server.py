@@ -4,7 +4,6 @@ tools at /mcp, /health."""
 from __future__ import annotations
 
 import gc
-import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +16,7 @@ from langserve import add_routes
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from errors import STREAM_ERRORS, LLMError, RagError
+from errors import LLMError, RagError
 from observability import Observability, log_config
 from openai_api import make_openai_router
 from pages import OPEN_PATHS, make_pages_router, presented_key, valid_key
@@ -39,7 +38,6 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
     from service import open_service
 
     service = service or open_service(settings)
-    _run_langserve_callbacks_inline()
     observability = Observability.create(settings, service)
 
     @asynccontextmanager
@@ -72,7 +70,7 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
 
     # Pure ASGI middleware (not @app.middleware): it must not buffer streams or hide a
     # client's disconnect from the stream that should cancel the DeepSeek request.
-    app.add_middleware(StreamErrorMiddleware)
+    app.add_middleware(EndFailedStreamsMiddleware)
     if settings.api_key_list:
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list)
     # Request ids, HTTP metrics, /metrics (behind the API keys like every route but /health).
@@ -151,70 +149,54 @@ class ApiKeyMiddleware:
         await response(scope, receive, send)
 
 
-# What LangServe sends on any failure mid-stream, whatever the cause.
-GENERIC_STREAM_ERROR = b'{"status_code": 500, "message": "Internal Server Error"}'
+class EndFailedStreamsMiddleware:
+    """End a response whose app failed after its first bytes, as a complete response.
 
-
-def _run_langserve_callbacks_inline() -> None:
-    """Let LangChain call LangServe's event aggregator in line rather than in tasks.
-
-    LangServe attaches an AsyncEventAggregatorCallback to every call (a new one each time,
-    inside its handlers, hence the class attribute). Its handlers only append to a list,
-    but LangChain runs a handler that is not marked `run_inline` through asyncio.gather:
-    a task, and a turn of the event loop, for every event, every answer token included
-    (-0.6 ms an answer at 1 client, measured with bench/ab_serve.py). In line, each is a
-    function call, and the events are recorded in the same order.
-    """
-    from langserve.callbacks import AsyncEventAggregatorCallback
-
-    AsyncEventAggregatorCallback.run_inline = True
-
-
-class StreamErrorMiddleware:
-    """Put the real reason into LangServe's stream `error` event.
-
-    LangServe hides every mid-stream exception behind a generic 500 so as not to leak
-    secrets; our RagErrors are written for users (a stalled or empty DeepSeek answer, a
-    deadline), so the chain records them (chains.rag.STREAM_ERRORS) and they replace it.
+    When the chain fails mid-stream, its last data chunk says why ({"error": {...}}), LangServe
+    sends its generic `error` event and then re-raises. Passed on, the exception would be
+    logged with a traceback twice (Starlette, uvicorn) and uvicorn would drop the connection,
+    so that clients read a truncated body. Here it is logged once, a RagError (a stalled or
+    failed DeepSeek answer, a deadline) in one line, and the body ends as HTTP says it should.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].endswith(
-            ("/stream", "/stream_events", "/stream_log")
-        ):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        errors: list[RagError] = []
-        started = False
+        started = ended = False
 
-        async def send_with_reason(message: Message) -> None:
-            nonlocal started
-            started = True
-            body = message.get("body", b"")
-            if errors and message["type"] == "http.response.body" and GENERIC_STREAM_ERROR in body:
-                error = errors[-1]
-                reason = json.dumps({"status_code": error.status_code, "message": str(error)})
-                message = {**message, "body": body.replace(GENERIC_STREAM_ERROR, reason.encode())}
+        async def tracking_send(message: Message) -> None:
+            nonlocal started, ended
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                ended = True
             await send(message)
 
-        token = STREAM_ERRORS.set(errors)
         try:
-            await self.app(scope, receive, send_with_reason)
+            await self.app(scope, receive, tracking_send)
         except Exception as exc:
             if not started:
-                raise
-            # LangServe re-raises after its error event; the client has the reason by now,
-            # so end the stream cleanly instead of aborting the connection.
-            if errors:
-                log.warning("stream ended with an error: %s", errors[-1])
+                raise  # the exception handlers answer it with a status and a JSON reason
+            reason = _rag_error_behind(exc)
+            if reason is not None:
+                log.warning("%s %s ended with an error: %s", scope["method"], scope["path"], reason)
             else:
-                log.exception("stream failed", exc_info=exc)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            STREAM_ERRORS.reset(token)
+                log.error("%s %s failed mid-response", scope["method"], scope["path"], exc_info=exc)
+            if not ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _rag_error_behind(exc: BaseException) -> RagError | None:
+    """The RagError that `exc` is or was raised from. Starlette re-raises an exception that
+    has a handler (RagError has) as a RuntimeError from it once the response has started."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, RagError):
+        cause = cause.__cause__
+    return cause
 
 
 def __getattr__(name: str) -> Any:

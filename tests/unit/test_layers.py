@@ -100,3 +100,22 @@ def test_importing_every_module_reads_no_settings_and_touches_no_environment() -
         [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def bench_files() -> list[Path]:
+    return sorted((REPO / "bench").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", bench_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_benchmarks_import_nothing_from_the_tests(path: Path) -> None:
+    """bench/ runs the tests' LLM server as a program (python tests/llm_server.py), never imports it."""
+    assert "tests" not in project_imports(path), f"{path.relative_to(REPO)} imports from tests/"
+
+
+def test_the_import_check_sees_an_import_of_the_tests_anywhere(tmp_path: Path) -> None:
+    # So that the check above cannot pass for want of looking.
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os\n\ndef upstream():\n    from tests.llm_server import LLMServer\n")
+    assert project_imports(probe) == {"tests"}
+    probe.write_text("import tests.llm_server as upstream\n")
+    assert project_imports(probe) == {"tests"}
