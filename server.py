@@ -17,7 +17,9 @@ from langserve import add_routes
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from documents_api import make_documents_router
 from errors import STREAM_ERRORS, LLMError, RagError
+from limits import install_limits
 from openai_api import make_openai_router
 from settings import Settings, get_settings
 
@@ -66,6 +68,7 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
     # Pure ASGI middleware (not @app.middleware): it must not buffer streams or hide a
     # client's disconnect from the stream that should cancel the DeepSeek request.
     app.add_middleware(StreamErrorMiddleware)
+    install_limits(app, settings)  # inside the key check: only valid keys reach the limits
     if settings.api_key_list:
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list)
 
@@ -98,6 +101,7 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
     add_routes(app, service.chat_chain, path="/chat", playground_type="chat")
     add_routes(app, service.configurable_retriever, path="/retriever")
     app.include_router(make_openai_router(service.chain, settings.model_list, settings.deepseek_model))
+    app.include_router(make_documents_router(service, settings))
     return app
 
 

@@ -18,6 +18,7 @@ from langchain_core.document_loaders import BaseLoader
 from langchain_core.documents import Document
 
 from errors import SourceError
+from loaders.archive_safety import DEFAULT_MAX_UNZIPPED_BYTES, archive_problem
 
 TEXT_SUFFIXES = {".md", ".markdown", ".mdx", ".txt", ".text", ".rst"}
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
@@ -69,9 +70,19 @@ class DocumentSourceLoader(BaseLoader):
     the file name of a single file) and `root` (the absolute folder, archive or URL given).
     """
 
-    def __init__(self, paths: list[str], max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(
+        self,
+        paths: list[str],
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        *,
+        allow_private_urls: bool = True,
+        max_unzipped_bytes: int = DEFAULT_MAX_UNZIPPED_BYTES,
+    ):
         self.paths = paths
         self.max_bytes = max_bytes
+        # False when the server fetches URLs for a client (loaders/url_safety.py).
+        self.allow_private_urls = allow_private_urls
+        self.max_unzipped_bytes = max_unzipped_bytes
         self.skipped: list[Skipped] = []
 
     def lazy_load(self) -> Iterator[Document]:
@@ -154,6 +165,9 @@ class DocumentSourceLoader(BaseLoader):
             self.skipped.append(Skipped(root, "broken zip archive"))
             return
         with archive:
+            if problem := archive_problem(archive, self.max_unzipped_bytes):
+                self.skipped.append(Skipped(root, problem))
+                return
             # Hidden members and macOS `__MACOSX/._x.md` resource forks are skipped, as
             # hidden files are in folders: they are binary and would fail the ingest.
             names = {info.filename: info for info in archive.infolist() if _is_visible_member(info)}
@@ -197,13 +211,13 @@ class DocumentSourceLoader(BaseLoader):
     def _load_url(self, url: str) -> Iterator[Document]:
         import httpx
 
+        from loaders.url_safety import fetch
+
         try:
-            response = httpx.get(url, follow_redirects=True, timeout=30.0)
-            response.raise_for_status()
-        except httpx.HTTPError as exc:
+            data = fetch(url, allow_private=self.allow_private_urls)
+        except (httpx.HTTPError, SourceError) as exc:
             self.skipped.append(Skipped(url, f"download failed: {exc}"))
             return
-        data = response.content
         if data[:4] == b"PK\x03\x04":
             yield from self._load_zip(data, url)
             return

@@ -31,6 +31,10 @@ HEAD_WEIGHT = 0.5
 LEGACY_HEAD_FIELD = "head"
 SPARSE_FIELD = "sparse"  # BM25, filled by Milvus from the text
 PRIMARY_FIELD = "pk"
+# When the chunk was written (Unix seconds). Collections made before it lack the field:
+# langchain-milvus leaves out metadata that a collection has no field for, and listings
+# report null for them.
+INGESTED_AT_FIELD = "ingested_at"
 
 
 def metadata_schema() -> dict[str, Any]:
@@ -45,6 +49,7 @@ def metadata_schema() -> dict[str, Any]:
             "kwargs": {"element_type": DataType.VARCHAR, "max_capacity": 16, "max_length": 1024},
         },
         "chunk_index": {"dtype": DataType.INT64, "kwargs": {}},
+        INGESTED_AT_FIELD: {"dtype": DataType.INT64, "kwargs": {}},
     }
 
 

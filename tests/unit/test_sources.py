@@ -7,6 +7,7 @@ import os
 import re
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from langchain_core.documents import Document
@@ -23,7 +24,7 @@ def corpus() -> Path:
     return CORPUS
 
 
-def load(*paths: Path | str, **kwargs: int) -> tuple[dict[str, Document], list[Skipped]]:
+def load(*paths: Path | str, **kwargs: Any) -> tuple[dict[str, Document], list[Skipped]]:
     loader = DocumentSourceLoader([str(p) for p in paths], **kwargs)
     docs = loader.load()
     by_source = {d.metadata["source"]: d for d in docs}
