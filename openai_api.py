@@ -129,22 +129,25 @@ class ChatCompletionRequest(BaseModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, reason) for the first field set to something this service can't honour."""
+        reason = None
         if self.n is not None and self.n > 1:
-            return "n", f"n={self.n}: this service gives one answer per request; send n=1 or leave n out"
-        if self.tools or self.functions:
+            field, reason = (
+                "n",
+                f"n={self.n} is not supported: one answer per request; send n=1 or leave n out",
+            )
+        elif self.tools or self.functions:
             field = "tools" if self.tools else "functions"
-            return field, "tool calling is not supported: the answer comes from the documents"
-        if self.tool_choice not in (None, "none", "auto"):
-            return "tool_choice", "tool calling is not supported: send tool_choice 'none' or leave it out"
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            return "response_format", f"response_format {kind!r} is not supported: answers are text"
-        if self.logprobs or self.top_logprobs:
+            reason = f"{field} are not supported: the answer comes from the documents, with no tool calls"
+        elif self.tool_choice not in (None, "none", "auto"):
+            field, reason = "tool_choice", "tool_choice is not supported: send 'none' or leave it out"
+        elif (kind := (self.response_format or {}).get("type", "text")) != "text":
+            field, reason = "response_format", f"response_format {kind!r} is not supported: answers are text"
+        elif self.logprobs or self.top_logprobs:
             field = "logprobs" if self.logprobs else "top_logprobs"
-            return field, "logprobs are not supported"
-        if self.audio is not None or any(m != "text" for m in self.modalities or []):
-            return "modalities", "only text answers are supported"
-        return None
+            reason = f"{field} is not supported"
+        elif self.audio is not None or any(m != "text" for m in self.modalities or []):
+            field, reason = "modalities", "modalities other than text are not supported: answers are text"
+        return None if reason is None else (field, reason)
 
     def thinking_enabled(self) -> bool | None:
         """The thinking switch as a bool, or None when the request did not say."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -65,7 +66,7 @@ def resolve(host: str, port: int) -> list[IPAddress]:
     return list(dict.fromkeys(addresses))
 
 
-def check_url(url: str) -> list[IPAddress]:
+def check_url(url: str, problem: Callable[[IPAddress], str | None] = address_problem) -> list[IPAddress]:
     """The public addresses of `url`'s host; UnsafeURLError (or SourceError) if it may not be fetched.
 
     Every address the name resolves to must be public: an attacker who controls a name can
@@ -79,10 +80,9 @@ def check_url(url: str) -> list[IPAddress]:
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     addresses = resolve(parsed.host, port)
     for address in addresses:
-        problem = address_problem(address)
-        if problem is not None:
+        if (reason := problem(address)) is not None:
             raise UnsafeURLError(
-                f"{url}: {parsed.host} resolves to {address}, {problem}; the server does not fetch "
+                f"{url}: {parsed.host} resolves to {address}, {reason}; the server does not fetch "
                 "URLs on its own network for clients (RAG_ALLOW_PRIVATE_URLS=true allows it)"
             )
     if not addresses:
@@ -91,25 +91,41 @@ def check_url(url: str) -> list[IPAddress]:
 
 
 class PublicOnlyTransport(httpx.BaseTransport):
-    """An httpx transport that checks each request's host (see check_url) and connects to the
-    address it checked, so that a second lookup cannot return another one."""
+    """An httpx transport that checks each request's host (see check_url) and connects to
+    an address it checked, so that a second lookup cannot return another one. `problem`
+    decides which addresses are refused."""
 
-    def __init__(self, **transport_options: Any) -> None:
+    def __init__(
+        self, problem: Callable[[IPAddress], str | None] = address_problem, **transport_options: Any
+    ) -> None:
+        self.problem = problem
         self._transport = httpx.HTTPTransport(**transport_options)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         try:
-            addresses = check_url(str(request.url))
+            addresses = check_url(str(request.url), self.problem)
         except SourceError as exc:
             # Raised through httpx as a request error, so callers handle it like any failed fetch.
             raise httpx.RequestError(str(exc), request=request) from exc
         host = request.url.host
-        address = str(addresses[0])
-        if host.strip("[]") != address:
-            request.url = request.url.copy_with(host=address)
-            # The Host header keeps the name (httpx set it from the URL); TLS checks the name.
-            request.extensions = {**request.extensions, "sni_hostname": host}
-        return self._transport.handle_request(request)
+        # The Host header keeps the name (httpx set it from the URL), and TLS checks the
+        # certificate against it; the connection goes to each checked address in turn.
+        extensions = {**request.extensions, "sni_hostname": host}
+        failure: httpx.ConnectError | None = None
+        for address in addresses:
+            pinned = httpx.Request(
+                request.method,
+                request.url.copy_with(host=str(address)),
+                headers=request.headers,
+                stream=request.stream,
+                extensions=extensions,
+            )
+            try:
+                return self._transport.handle_request(pinned)
+            except httpx.ConnectError as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
 
     def close(self) -> None:
         self._transport.close()
@@ -133,5 +149,6 @@ def fetch(
         for piece in response.iter_bytes():
             body += piece
             if len(body) > max_bytes:
-                raise SourceError(f"download larger than {max_bytes // (1024 * 1024)} MB")
+                limit = f"{max_bytes / 2**20:g} MB" if max_bytes >= 2**20 else f"{max_bytes} bytes"
+                raise SourceError(f"download larger than {limit}")
         return bytes(body)

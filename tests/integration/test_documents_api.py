@@ -329,7 +329,10 @@ def raw_post(base: str, path: str, headers: dict[str, str], body: bytes, chunked
         sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
         for start in range(0, len(body), 64 * 1024):
             piece = body[start : start + 64 * 1024]
-            sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n" if chunked else piece)
+            try:
+                sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n" if chunked else piece)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # the server answered and closed: read its answer
         answer = b""
         while b"\r\n\r\n" not in answer:
             data = sock.recv(65536)
