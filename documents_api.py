@@ -709,6 +709,24 @@ def make_documents_router(service: RagService, settings: Settings) -> APIRouter:
     @router.post(
         "/documents",
         status_code=202,
+        # The body is read by hand (two content types, checked as it streams): described here.
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                            },
+                            "required": ["files"],
+                        }
+                    },
+                    "application/json": {"schema": UrlsRequest.model_json_schema()},
+                },
+            }
+        },
         responses={
             202: {"description": 'Accepted: `{"job_id"}`; follow it at GET /jobs/{job_id}.'},
             400: {
