@@ -70,12 +70,14 @@ class IngestReport:
 class _Writer:
     """Buffers new chunks, embeds them in batches and writes them, then runs deletes."""
 
-    def __init__(self, store: RagStore, batch_size: int, bar: Any):
+    def __init__(self, store: RagStore, batch_size: int, bar: Any, seal_every: int | None = None):
         self.store = store
         self.batch_size = batch_size
         self.bar = bar
         self.pending: list[tuple[str, Document]] = []
         self.pending_deletes: list[str] = []
+        self.seal_every = seal_every
+        self.unsealed = 0
 
     def add(self, items: Iterable[tuple[str, Document]], deletes: Iterable[str]) -> None:
         self.pending.extend(items)
@@ -101,10 +103,14 @@ class _Writer:
                 ids=ids,
             )
             self.bar.set_postfix_str(f"{len(ids)} chunks embedded", refresh=False)
+            self.unsealed += len(ids)
             self.pending = []
         # Deletes only after the replacing chunks are stored: see the module docstring.
         self.delete(self.pending_deletes)
         self.pending_deletes = []
+        if self.seal_every is not None and self.unsealed >= self.seal_every:
+            self.store.flush()
+            self.unsealed = 0
 
     def delete(self, ids: list[str]) -> None:
         for start in range(0, len(ids), 1000):
@@ -186,6 +192,7 @@ def ingest(
     on_file: Callable[[int, int, IngestReport], None] | None = None,
     allow_private_urls: bool = True,
     max_unzipped_bytes: int = DEFAULT_MAX_UNZIPPED_BYTES,
+    seal_every: int | None = None,
 ) -> IngestReport:
     """Bring the store in line with the files under `paths`; returns what changed.
 
@@ -194,7 +201,8 @@ def ingest(
     ids that way. `on_file(files done, files in all, report so far)` is called after each
     file; it may raise to stop the ingest, which leaves every file in its old or its new
     version (see the module docstring). `allow_private_urls=False` refuses URLs on the
-    server's own network (loaders/url_safety.py).
+    server's own network (loaders/url_safety.py). `seal_every` N chunks written, the store
+    seals them (RagStore.flush), for searches that run during the ingest.
     """
     started = time.perf_counter()
     report = IngestReport()
@@ -216,7 +224,7 @@ def ingest(
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    writer = _Writer(store, batch_size, bar)
+    writer = _Writer(store, batch_size, bar, seal_every)
     documents = loader.lazy_load()
     if root is not None:
         documents = (Document(d.page_content, metadata={**d.metadata, "root": root}) for d in documents)
