@@ -608,8 +608,8 @@ class DocumentsAPI:
                     allow_private_urls=settings.allow_private_urls,
                     max_unzipped_bytes=int(settings.max_unzipped_mb * 1024 * 1024),
                     # Seal each written batch: Milvus Lite searches scan unsealed rows one by
-                    # one, so questions asked during a long ingest slowed as it went (p95
-                    # 752 ms against 102 ms sealed every 64 chunks, docs/benchmarks.md).
+                    # one, so questions asked during a long ingest slowed down as it went on
+                    # (docs/benchmarks.md, "Answers during an upload").
                     seal_every=settings.embedding_batch_size,
                 )
             except JobStopped:
@@ -618,7 +618,10 @@ class DocumentsAPI:
                 job.state, job.errors = "failed", [str(exc)]
             except Exception as exc:
                 log.exception("ingest job %s failed", job.id)
-                job.state, job.errors = "failed", [f"internal error: {type(exc).__name__}: {exc}"]
+                job.state, job.errors = (
+                    "failed",
+                    [f"internal error: {type(exc).__name__} (see the server log)"],
+                )
             else:
                 job.state = "done"
                 job.files_done = job.files_total = report.files + len(report.skipped)
