@@ -88,8 +88,11 @@ class ThinkingOption(BaseModel):
 class ChatCompletionRequest(BaseModel):
     """OpenAI's chat completion request, plus this service's retrieval fields.
 
-    Fields that OpenAI defines but RAG has no use for (`n`, `max_tokens`, `user`, `tools`, ...)
-    are accepted and ignored, so that any client works unchanged.
+    Fields that would change what the answer is (`n` above 1, `tools`, a JSON
+    `response_format`, `logprobs`, audio) are refused with a 400 that says so (see
+    `unsupported`): answering once, in prose, would look like success. Hints that don't
+    (`max_tokens`, `stop`, `top_p`, `seed`, `user`, ...) are accepted and ignored, so that
+    any client works unchanged.
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -112,6 +115,39 @@ class ChatCompletionRequest(BaseModel):
     thinking: bool | ThinkingOption | None = Field(
         default=None, description='DeepSeek thinking: true/false or {"type": "enabled"|"disabled"}.'
     )
+
+    # OpenAI fields that are read only to refuse them (see `unsupported`).
+    n: int | None = Field(default=None, ge=1, description="Only 1: one answer per request.")
+    tools: list[Any] | None = Field(default=None, description="Not supported: answers come from documents.")
+    functions: list[Any] | None = Field(default=None, description="Not supported (tools' old form).")
+    tool_choice: Any = Field(default=None, description='Only "none" or "auto".')
+    response_format: dict[str, Any] | None = Field(default=None, description='Only {"type": "text"}.')
+    logprobs: bool | None = Field(default=None, description="Not supported.")
+    top_logprobs: int | None = Field(default=None, description="Not supported.")
+    modalities: list[str] | None = Field(default=None, description='Only ["text"].')
+    audio: dict[str, Any] | None = Field(default=None, description="Not supported.")
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, reason) for the first field set to something this service can't honour."""
+        reason = None
+        if self.n is not None and self.n > 1:
+            field, reason = (
+                "n",
+                f"n={self.n} is not supported: one answer per request; send n=1 or leave n out",
+            )
+        elif self.tools or self.functions:
+            field = "tools" if self.tools else "functions"
+            reason = f"{field} are not supported: the answer comes from the documents, with no tool calls"
+        elif self.tool_choice not in (None, "none", "auto"):
+            field, reason = "tool_choice", "tool_choice is not supported: send 'none' or leave it out"
+        elif (kind := (self.response_format or {}).get("type", "text")) != "text":
+            field, reason = "response_format", f"response_format {kind!r} is not supported: answers are text"
+        elif self.logprobs or self.top_logprobs:
+            field = "logprobs" if self.logprobs else "top_logprobs"
+            reason = f"{field} is not supported"
+        elif self.audio is not None or any(m != "text" for m in self.modalities or []):
+            field, reason = "modalities", "modalities other than text are not supported: answers are text"
+        return None if reason is None else (field, reason)
 
     def thinking_enabled(self) -> bool | None:
         """The thinking switch as a bool, or None when the request did not say."""
@@ -471,7 +507,7 @@ class _EventStream(StreamingResponse):
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
-        (400, "No user message with text"),
+        (400, "No user message with text, or a field this service can't honour (n > 1, tools, ...)"),
         (404, "Unknown model"),
         (422, "Invalid field, question too long or k above RAG_MAX_K"),
         (502, "The LLM failed"),
@@ -520,6 +556,9 @@ def make_openai_router(chain: Runnable, models: list[str], default_model: str) -
                 param="model",
                 code="model_not_found",
             )
+        if refused := request.unsupported():
+            field, reason = refused
+            return error_response(400, reason, param=field, code="unsupported_parameter")
         chain_input = to_chain_input(request.messages)
         if chain_input is None:
             return error_response(

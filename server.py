@@ -16,7 +16,9 @@ from langserve import add_routes
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from documents_api import make_documents_router
 from errors import LLMError, RagError
+from limits import install_limits
 from observability import Observability, log_config
 from openai_api import make_openai_router
 from pages import OPEN_PATHS, make_pages_router, presented_key, valid_key
@@ -71,6 +73,7 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
     # Pure ASGI middleware (not @app.middleware): it must not buffer streams or hide a
     # client's disconnect from the stream that should cancel the DeepSeek request.
     app.add_middleware(EndFailedStreamsMiddleware)
+    install_limits(app, settings)  # inside the key check: only valid keys reach the limits
     if settings.api_key_list:
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list)
     # Request ids, HTTP metrics, /metrics (behind the API keys like every route but /health).
@@ -106,6 +109,7 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
     add_routes(app, observability.watch(service.configurable_retriever), path="/retriever")
     app.include_router(make_openai_router(chain, settings.model_list, settings.deepseek_model))
     mcp_running = mount_mcp(app, service, settings)
+    app.include_router(make_documents_router(service, settings))
     return app
 
 

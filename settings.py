@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -54,6 +55,20 @@ class Settings(BaseSettings):
     history_messages: int = Field(default=8, alias="RAG_HISTORY_MESSAGES", ge=0, le=100)
 
     api_keys: SecretStr | None = Field(default=None, alias="RAG_API_KEYS")
+
+    # Documents over HTTP and request limits (documents_api.py, limits.py, docs/http-api.md).
+    # Where ingest jobs and uploaded files wait; "": beside a Milvus Lite file, else in RAG_CACHE_DIR.
+    jobs_dir: str = Field(default="", alias="RAG_JOBS_DIR")
+    max_body_mb: float = Field(default=2.0, alias="RAG_MAX_BODY_MB", gt=0)
+    max_upload_mb: float = Field(default=100.0, alias="RAG_MAX_UPLOAD_MB", gt=0)
+    max_file_mb: float = Field(default=20.0, alias="RAG_MAX_FILE_MB", gt=0)
+    max_unzipped_mb: float = Field(default=1024.0, alias="RAG_MAX_UNZIPPED_MB", gt=0)
+    # URLs that resolve to loopback, private or link-local addresses, fetched for a client.
+    allow_private_urls: bool = Field(default=False, alias="RAG_ALLOW_PRIVATE_URLS")
+    max_batch: int = Field(default=16, alias="RAG_MAX_BATCH", ge=1)
+    # Requests per minute per API key (per client address without keys); 0: no limit.
+    rate_limit: float = Field(default=0.0, alias="RAG_RATE_LIMIT", ge=0)
+    rate_burst: int = Field(default=30, alias="RAG_RATE_BURST", ge=1)
     host: str = Field(default="127.0.0.1", alias="RAG_HOST")
     port: int = Field(default=8000, alias="RAG_PORT", ge=1, le=65535)
     # Log lines as text, or as one JSON object per line (for a log collector).
@@ -87,10 +102,27 @@ class Settings(BaseSettings):
         """True when MILVUS_URI names a server rather than a Milvus Lite file."""
         return self.milvus_uri.startswith(("http://", "https://", "tcp://", "grpc://"))
 
+    @property
+    def jobs_path(self) -> Path:
+        """The folder of the ingest jobs' database and of uploads waiting to be ingested."""
+        if self.jobs_dir:
+            return Path(self.jobs_dir).expanduser()
+        if self.milvus_is_server:
+            return Path(self.cache_dir).expanduser() / "jobs"
+        lite = Path(self.milvus_uri).expanduser()
+        return lite.with_name(lite.name + "-jobs")
+
     @model_validator(mode="after")
     def _k_within_limit(self) -> Settings:
         if self.top_k > self.max_k:
             raise ValueError(f"RAG_TOP_K ({self.top_k}) exceeds RAG_MAX_K ({self.max_k})")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_within_burst(self) -> Settings:
+        # A batch costs one request per input: a larger one could never pass.
+        if self.rate_limit and self.max_batch > self.rate_burst:
+            raise ValueError(f"RAG_MAX_BATCH ({self.max_batch}) exceeds RAG_RATE_BURST ({self.rate_burst})")
         return self
 
     @field_validator("milvus_uri", mode="before")

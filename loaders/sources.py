@@ -22,6 +22,7 @@ from langchain_core.documents import Document
 from langchain_core.documents.base import Blob
 
 from errors import SourceError
+from loaders.archive_safety import DEFAULT_MAX_UNZIPPED_BYTES, archive_problem
 from loaders.formats import (
     DOCX,
     FORMATS,
@@ -104,11 +105,17 @@ class DocumentSourceLoader(BaseLoader):
         max_bytes: int = DEFAULT_MAX_BYTES,
         limits: Limits | None = None,
         parser: BaseBlobParser | None = None,
+        *,
+        allow_private_urls: bool = True,
+        max_unzipped_bytes: int = DEFAULT_MAX_UNZIPPED_BYTES,
     ):
         self.paths = paths
         self.limits = limits or Limits(max_bytes=max_bytes)
         self.max_bytes = self.limits.max_bytes
         self.parser = parser or make_parser(self.limits)
+        # False when the server fetches URLs for a client (loaders/url_safety.py).
+        self.allow_private_urls = allow_private_urls
+        self.max_unzipped_bytes = max_unzipped_bytes
         self.skipped: list[Skipped] = []
 
     # --- Documents ------------------------------------------------------------------------
@@ -290,6 +297,9 @@ class DocumentSourceLoader(BaseLoader):
             self._skip(root, "broken zip archive")
             return
         with archive:
+            if problem := archive_problem(archive, self.max_unzipped_bytes):
+                self._skip(root, problem)
+                return
             # Hidden members and macOS `__MACOSX/._x.md` resource forks are skipped, as
             # hidden files are in folders: they are binary and would fail the ingest.
             names = {info.filename: info for info in archive.infolist() if _is_visible_member(info)}
@@ -332,15 +342,15 @@ class DocumentSourceLoader(BaseLoader):
     def _url_blobs(self, url: str) -> Iterator[Blob]:
         import httpx
 
+        from loaders.url_safety import fetch
+
         try:
-            response = httpx.get(url, follow_redirects=True, timeout=30.0)
-            response.raise_for_status()
-        except httpx.HTTPError as exc:
+            data, header = fetch(url, allow_private=self.allow_private_urls)
+        except (httpx.HTTPError, SourceError) as exc:
             self._skip(url, f"download failed: {exc}")
             return
-        data = response.content
         name = PurePosixPath(httpx.URL(url).path).name
-        declared, charset = content_type(response.headers.get("content-type"))
+        declared, charset = content_type(header)
         by_name = mime_type_of(name)
         if declared == ZIP or (data[:4] == b"PK\x03\x04" and declared != DOCX and by_name != DOCX):
             yield from self._zip_blobs(data, url)

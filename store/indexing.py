@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from queue import Empty, Queue
 from typing import Any, TypeVar
@@ -22,10 +22,11 @@ from typing import Any, TypeVar
 from langchain_core.documents import Document
 from tqdm import tqdm
 
+from loaders.archive_safety import DEFAULT_MAX_UNZIPPED_BYTES
 from loaders.formats import Limits
 from loaders.markdown import Chunker, heading_text
 from loaders.sources import DEFAULT_MAX_BYTES, UNSUPPORTED, DocumentSourceLoader, Skipped
-from store.milvus import PRIMARY_FIELD, RagStore, dense_vector, escape
+from store.milvus import INGESTED_AT_FIELD, PRIMARY_FIELD, RagStore, dense_vector, escape
 
 T = TypeVar("T")
 
@@ -101,12 +102,14 @@ class IngestReport:
 class _Writer:
     """Buffers new chunks, embeds them in batches and writes them, then runs deletes."""
 
-    def __init__(self, store: RagStore, batch_size: int, bar: Any):
+    def __init__(self, store: RagStore, batch_size: int, bar: Any, seal_every: int | None = None):
         self.store = store
         self.batch_size = batch_size
         self.bar = bar
         self.pending: list[tuple[str, Document]] = []
         self.pending_deletes: list[str] = []
+        self.seal_every = seal_every
+        self.unsealed = 0
 
     def add(self, items: Iterable[tuple[str, Document]], deletes: Iterable[str]) -> None:
         self.pending.extend(items)
@@ -124,17 +127,22 @@ class _Writer:
             headings = [heading_text(d) for _, d in self.pending]
             distinct = sorted(set(headings))
             by_heading = dict(zip(distinct, embed(distinct), strict=True))
+            written_at = int(time.time())
             self.store.vectorstore.add_embeddings(
                 texts,
                 [dense_vector(v, by_heading[h]) for v, h in zip(vectors, headings, strict=True)],
-                [d.metadata for _, d in self.pending],
+                [{**d.metadata, INGESTED_AT_FIELD: written_at} for _, d in self.pending],
                 ids=ids,
             )
             self.bar.set_postfix_str(f"{len(ids)} chunks embedded", refresh=False)
+            self.unsealed += len(ids)
             self.pending = []
         # Deletes only after the replacing chunks are stored: see the module docstring.
         self.delete(self.pending_deletes)
         self.pending_deletes = []
+        if self.seal_every is not None and self.unsealed >= self.seal_every:
+            self.store.flush()
+            self.unsealed = 0
 
     def delete(self, ids: list[str]) -> None:
         for start in range(0, len(ids), 1000):
@@ -213,8 +221,21 @@ def ingest(
     batch_size: int = 64,
     progress: bool = True,
     limits: Limits | None = None,
+    root: str | None = None,
+    on_file: Callable[[int, int, IngestReport], None] | None = None,
+    allow_private_urls: bool = True,
+    max_unzipped_bytes: int = DEFAULT_MAX_UNZIPPED_BYTES,
+    seal_every: int | None = None,
 ) -> IngestReport:
     """Bring the store in line with the files under `paths`; returns what changed.
+
+    `root` records every document under that root instead of the folder, archive or URL it
+    was read from: uploads, read from a different temporary folder each time, keep the same
+    ids that way. `on_file(files done, files in all, report so far)` is called after each
+    file; it may raise to stop the ingest, which leaves every file in its old or its new
+    version (see the module docstring). `allow_private_urls=False` refuses URLs on the
+    server's own network (loaders/url_safety.py). `seal_every` N chunks written, the store
+    seals them (RagStore.flush), for searches that run during the ingest.
 
     `limits` (size, pages, unpacked size, seconds per file) default to `max_bytes` and the
     loaders' defaults.
@@ -222,19 +243,28 @@ def ingest(
     started = time.perf_counter()
     report = IngestReport()
     # The same path twice would insert its new chunks twice (ids are checked once per root).
-    loader = DocumentSourceLoader(list(dict.fromkeys(paths)), limits=limits or Limits(max_bytes=max_bytes))
+    loader = DocumentSourceLoader(
+        list(dict.fromkeys(paths)),
+        limits=limits or Limits(max_bytes=max_bytes),
+        allow_private_urls=allow_private_urls,
+        max_unzipped_bytes=max_unzipped_bytes,
+    )
     stored: dict[str, dict[str, set[str]]] = {}
     seen: dict[str, set[str]] = defaultdict(set)
+    total = loader.count_candidates()
     bar = tqdm(
-        total=loader.count_candidates(),
+        total=total,
         unit="file",
         desc="ingest",
         disable=not progress,
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    writer = _Writer(store, batch_size, bar)
-    split = ((d, chunker.split_document(d)) for d in loader.lazy_load())
+    writer = _Writer(store, batch_size, bar, seal_every)
+    documents = loader.lazy_load()
+    if root is not None:
+        documents = (Document(d.page_content, metadata={**d.metadata, "root": root}) for d in documents)
+    split = ((d, chunker.split_document(d)) for d in documents)
     with bar:
         for document, chunks in prefetch(split):
             bar.update(1)
@@ -254,6 +284,11 @@ def ingest(
                 report.added += len(fresh)
             report.deleted += len(stale)
             writer.add(fresh, stale)
+            if on_file is not None:
+                # Skipped files count as done (the reader, ahead of this loop, may have
+                # skipped some that come later: the count is never more than the total).
+                done = report.files + len(loader.skipped)
+                on_file(done, max(total, done), report)
         writer.flush()
         if prune:
             for root, by_source in stored.items():
@@ -263,6 +298,9 @@ def ingest(
                 writer.delete(gone)
                 report.deleted += len(gone)
     report.skipped = loader.skipped
+    if on_file is not None:
+        done = report.files + len(loader.skipped)
+        on_file(done, max(total, done), report)
     if report.added or report.updated or report.deleted:
         store.flush()
     report.total_chunks = store.count()

@@ -32,6 +32,10 @@ HEAD_WEIGHT = 0.5
 LEGACY_HEAD_FIELD = "head"
 SPARSE_FIELD = "sparse"  # BM25, filled by Milvus from the text
 PRIMARY_FIELD = "pk"
+# When the chunk was written (Unix seconds). Collections made before it lack the field:
+# langchain-milvus leaves out metadata that a collection has no field for, and listings
+# report null for them.
+INGESTED_AT_FIELD = "ingested_at"
 
 
 def metadata_schema() -> dict[str, Any]:
@@ -49,6 +53,7 @@ def metadata_schema() -> dict[str, Any]:
         # The first and last page of a PDF chunk; null for formats without pages.
         "page": {"dtype": DataType.INT64, "kwargs": {"nullable": True}},
         "last_page": {"dtype": DataType.INT64, "kwargs": {"nullable": True}},
+        INGESTED_AT_FIELD: {"dtype": DataType.INT64, "kwargs": {}},
     }
 
 

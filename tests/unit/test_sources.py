@@ -7,6 +7,7 @@ import os
 import re
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from langchain_core.documents import Document
@@ -23,8 +24,8 @@ def corpus() -> Path:
     return CORPUS
 
 
-def load(*paths: Path | str, max_bytes: int = 20 * 1024 * 1024) -> tuple[dict[str, Document], list[Skipped]]:
-    loader = DocumentSourceLoader([str(p) for p in paths], max_bytes=max_bytes)
+def load(*paths: Path | str, **kwargs: Any) -> tuple[dict[str, Document], list[Skipped]]:
+    loader = DocumentSourceLoader([str(p) for p in paths], **kwargs)
     docs = loader.load()
     by_source = {d.metadata["source"]: d for d in docs}
     assert len(by_source) == len(docs), "a source was yielded twice"
