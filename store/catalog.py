@@ -75,7 +75,7 @@ def document_chunks(store: RagStore, source: str, root: str | None = None) -> li
     if not store.exists():
         return []
     dated = has_ingested_at(store)
-    fields = [PRIMARY_FIELD, TEXT_FIELD, "source", "root", "headers", "chunk_index"]
+    fields = [PRIMARY_FIELD, TEXT_FIELD, "source", "root", "headers", "chunk_index", "page", "last_page"]
     rows = list(_rows(store, source_filter(source, root), fields + ([INGESTED_AT_FIELD] if dated else [])))
     chunks = [
         {
@@ -83,6 +83,8 @@ def document_chunks(store: RagStore, source: str, root: str | None = None) -> li
             "root": row["root"],
             "chunk_index": int(row["chunk_index"]),
             "headers": list(row.get("headers") or []),
+            "page": row.get("page"),
+            "last_page": row.get("last_page"),
             "text": row[TEXT_FIELD],
             "ingested_at": row.get(INGESTED_AT_FIELD),
         }

@@ -128,6 +128,34 @@ def test_upload_files_and_an_archive_then_list_read_and_delete(make_settings: An
         assert client.get("/jobs/not-a-job").status_code == 404
 
 
+def test_pdf_html_and_docx_uploads_are_read_with_their_headings_and_pages(
+    make_settings: Any, embeddings: Any
+) -> None:
+    from tests.documents import BODY, Page, Text, heading, make_docx, make_pdf, paragraph
+
+    pdf = make_pdf(
+        [
+            Page([heading("Backups", 18), Text("Back up the data folder every night.", *BODY)]),
+            Page([heading("Restores", 18), Text("Restore from the latest backup first.", *BODY)]),
+        ]
+    )
+    html = (
+        b"<html><body><nav>Home | Docs</nav><main><h1>Upgrades</h1><h2>Rolling</h2>"
+        b"<p>Upgrade one node at a time.</p></main><footer>Copyright</footer></body></html>"
+    )
+    docx = make_docx([paragraph("Scaling", "Heading1"), paragraph("Add query nodes to scale reads.")])
+    with documents_server(make_settings(), embeddings) as client:
+        job = upload_and_wait(client, ("ops.pdf", pdf), ("upgrade.html", html), ("scale.docx", docx))
+        assert job["state"] == "done" and job["skipped"] == [] and job["files_done"] == 3, job
+
+        pdf_chunks = client.get("/documents/ops.pdf").json()["chunks"]
+        assert [(c["headers"], c["page"]) for c in pdf_chunks] == [(["Backups"], 1), (["Restores"], 2)]
+        (page,) = client.get("/documents/upgrade.html").json()["chunks"]
+        assert page["headers"] == ["Upgrades", "Rolling"] and "Home | Docs" not in page["text"]
+        (section,) = client.get("/documents/scale.docx").json()["chunks"]
+        assert section["headers"] == ["Scaling"] and "query nodes" in section["text"]
+
+
 def test_an_unchanged_upload_embeds_nothing_and_a_changed_one_replaces_its_chunks(
     make_settings: Any, embeddings: Any
 ) -> None:
