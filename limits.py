@@ -86,6 +86,13 @@ def _size(limit: int) -> str:
     return f"{limit / MB:g} MB" if limit >= MB else f"{limit} bytes"
 
 
+def is_openai_path(path: str) -> bool:
+    """Whether a path is the OpenAI-compatible API's: /v1/... or /kb/{name}/v1/..."""
+    if path.startswith("/kb/"):
+        path = "/" + path[len("/kb/") :].partition("/")[2]
+    return path.startswith("/v1/")
+
+
 async def reject(
     scope: Scope,
     send: Send,
@@ -96,7 +103,7 @@ async def reject(
     headers: dict[str, str] | None = None,
 ) -> None:
     """A JSON error; OpenAI's error shape under /v1, so OpenAI clients show the message."""
-    if scope["path"].startswith("/v1/"):
+    if is_openai_path(scope["path"]):
         error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
         content: dict[str, Any] = {"error": error}
     else:

@@ -18,6 +18,7 @@ NEEDED_WITHOUT_IMPORT = {
     "sse-starlette": "langserve's streaming endpoints import it",
     "sentence-transformers": "pymilvus-model's SentenceTransformerEmbeddingFunction imports it",
     "markdownify": "langchain-community's MarkdownifyTransformer (loaders/formats.py) imports it",
+    "python-multipart": "Starlette's Request.form() (the uploads of documents_api.py) imports it",
 }
 
 
