@@ -10,7 +10,7 @@ does not exist (existence is not revealed), and 403 for an upload or delete with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,17 +142,20 @@ def grant_of(request: Request) -> Grant:
 # ---------------------------------------------------------------------------- the API docs
 
 
-def visible_schema(schema: dict[str, Any], may_see: Callable[[str], bool]) -> dict[str, Any]:
-    """The OpenAPI document with only the paths whose knowledge base `may_see` accepts, and
-    only the schemas and tags those paths use: another knowledge base's name appears nowhere."""
-    paths = {
-        path: item
-        for path, item in schema.get("paths", {}).items()
-        if (kb := target_of(path).kb) is None or may_see(kb)
-    }
+def visible_schema(schema: dict[str, Any], grant: Grant, knowledge_bases: Collection[str]) -> dict[str, Any]:
+    """The OpenAPI document with only the paths `grant` may call, and only the schemas and
+    tags those paths use: another knowledge base's name appears nowhere."""
+
+    def offered(path: str) -> bool:
+        kb = target_of(path).kb
+        if kb is None:
+            return grant.is_admin or path not in ADMIN_PATHS
+        return kb in knowledge_bases and grant.may_read(kb)
+
+    paths = {path: item for path, item in schema.get("paths", {}).items() if offered(path)}
     schemas = schema.get("components", {}).get("schemas", {})
     used: set[str] = set()
-    pending = [paths]
+    pending: list[Any] = [paths]
     while pending:
         node = pending.pop()
         if isinstance(node, dict):
@@ -189,8 +192,7 @@ def add_api_docs(app: FastAPI, knowledge_bases: Collection[str]) -> None:
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request) -> JSONResponse:
-        grant = grant_of(request)
-        return JSONResponse(visible_schema(app.openapi(), lambda kb: kb in kbs and grant.may_read(kb)))
+        return JSONResponse(visible_schema(app.openapi(), grant_of(request), kbs))
 
     def root(request: Request) -> str:
         return str(request.scope.get("root_path", "")).rstrip("/")

@@ -15,11 +15,11 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from access import AccessMiddleware
+from api_keys import load_keys
 from chains.rag import AnswerPolicy, build_rag_chain
 from errors import LLMError, LLMTimeoutError
 from observability import REQUEST_ID, ChainMetricsHandler, Metrics, Observability, log_config
-from access import AccessMiddleware
-from api_keys import load_keys
 from settings import Settings
 from tests.unit.fakes import FAQ_DOCS, FixedRetriever, RecordingChat
 from tests.unit.test_answer_stream import FAST, QUESTION, USAGE, status_error
