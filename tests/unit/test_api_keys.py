@@ -147,7 +147,7 @@ def test_each_path_belongs_to_a_knowledge_base_or_to_the_server() -> None:
 
 
 def test_the_api_docs_show_only_what_a_key_may_call() -> None:
-    schema = {
+    schema: dict[str, Any] = {
         "paths": {
             "/rag/invoke": {"post": {"tags": ["rag"], "$ref": "#/components/schemas/RagInput"}},
             "/kb/hr/rag/invoke": {
