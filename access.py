@@ -21,7 +21,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api_keys import OPEN, Grant, KeyRing
-from limits import reject
+from limits import reject, route_path
 from pages import OPEN_PATHS, presented_key
 from settings import DEFAULT_KB
 
@@ -90,7 +90,7 @@ class AccessMiddleware:
         self.knowledge_bases = frozenset(knowledge_bases)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or route_path(scope) in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         connection = HTTPConnection(scope)
@@ -98,12 +98,13 @@ class AccessMiddleware:
         if grant is None:
             await self._unauthorized(scope, receive, send, connection)
             return
-        path = target_of(scope["path"])
+        requested = route_path(scope)
+        path = target_of(requested)
         state = scope.setdefault("state", {})
         state["grant"] = grant
         if path.kb is None:
-            if scope["path"] in ADMIN_PATHS and not grant.is_admin:
-                await reject(scope, send, 403, f"{scope['path']} needs an admin key", code="forbidden")
+            if requested in ADMIN_PATHS and not grant.is_admin:
+                await reject(scope, send, 403, f"{requested} needs an admin key", code="forbidden")
                 return
         elif path.kb not in self.knowledge_bases or not grant.may_read(path.kb):
             await reject(scope, send, 404, no_such_knowledge_base(path.kb), code="knowledge_base_not_found")

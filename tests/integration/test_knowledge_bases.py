@@ -498,3 +498,21 @@ async def test_the_mcp_tools_check_the_scope_themselves_wherever_they_are_mounte
     refused, allowed = results["eng-write"], results["hr-read"]
     assert refused.is_error and "no knowledge base 'hr'" in str(refused.content)
     assert not allowed.is_error and "leave.md" in allowed.structured_content["sources"]  # type: ignore[index]
+
+
+async def test_behind_a_root_path_the_check_sees_the_path_the_router_routes(tenants: Tenants) -> None:
+    """Served under a prefix (`uvicorn --root-path /rag`), the request's path carries it; the
+    router matches without it, and so must the check, or /rag/kb/eng/... would pass as the
+    default knowledge base's."""
+    transport = httpx.ASGITransport(app=tenants.app, root_path="/rag")
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://proxy", headers=auth("hr-write")
+    ) as client:
+        other = await client.get("/rag/kb/eng/documents")
+        own = await client.get("/rag/kb/hr/documents")
+        default = await client.get("/rag/documents")
+        sign_in = await client.get("/rag/", headers={"Authorization": ""})
+    assert other.status_code == 404 and other.json() == {"detail": "no knowledge base 'eng'"}
+    assert own.status_code == 200 and "leave.md" in own.text
+    assert default.status_code == 404 and default.json() == {"detail": "no knowledge base 'default'"}
+    assert sign_in.status_code == 200 and "Sign in" in sign_in.text  # an open path, under the prefix too
