@@ -8,7 +8,8 @@ The answer is printed as it is written; the tool calls go to stderr. Environment
 RAG_URL (default http://127.0.0.1:8000), RAG_API_KEY (one of the server's RAG_API_KEYS, if
 it has any), DEEPSEEK_API_KEY, DEEPSEEK_BASE_URL (default https://api.deepseek.com) and
 DEEPSEEK_MODEL (default deepseek-v4-flash). Copy it into your own agent: `remote_tools`
-comes from this project's chains/tools.py.
+comes from this project's chains/tools.py. It needs LangChain's agents: `pip install -e
+'.[examples]'` (`make install` has them).
 """
 
 from __future__ import annotations

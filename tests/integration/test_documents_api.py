@@ -168,8 +168,8 @@ def test_an_unchanged_upload_embeds_nothing_and_a_changed_one_replaces_its_chunk
 
         changed = GUIDE.replace(b"Open a file.", b"Open a file with MilvusClient.")
         third = upload_and_wait(client, ("guide.md", changed))
-        # Chunk ids are keyed on the file's content (loaders.markdown.chunk_id): a changed
-        # file's chunks are all replaced, the old ones deleted.
+        # Chunk ids are keyed on the file's content (loaders.markdown.chunk_id): a changed file
+        # replaces all its chunks, new ones written before the old ones are deleted.
         assert (third["added"], third["updated"], third["deleted"], third["unchanged"]) == (0, 2, 2, 0)
         texts = chunk_texts(client, "guide.md")
         assert len(texts) == 2 and "MilvusClient" in texts[1]

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,15 @@ from langserve import RemoteRunnable
 
 from settings import Settings
 from tests.integration.conftest import QUESTION
-from tests.integration.test_workers import RAG, REPO, STARTUP_TIMEOUT, Output, log_records, scrape
+from tests.integration.test_workers import (
+    RAG,
+    REPO,
+    STARTUP_TIMEOUT,
+    Output,
+    log_records,
+    port_open,
+    scrape,
+)
 from tests.llm_server import LLMServer
 from workers import free_port
 
@@ -59,6 +68,10 @@ def test_metrics_request_ids_and_json_logs_of_one_worker(
     output = Output(serve)
     try:
         log_records(output, 1, lambda r: r["logger"] == "server" and r["message"] == "ready", STARTUP_TIMEOUT)
+        # "ready" is logged at the end of the app's start-up; uvicorn binds its port right after.
+        deadline = time.monotonic() + 30
+        while not port_open(port):
+            assert time.monotonic() < deadline and serve.poll() is None, "\n".join(output.lines)
         refused = httpx.get(f"{base}/metrics", timeout=30)
         assert refused.status_code == 401, "/metrics takes the API keys like the other routes"
         assert httpx.get(f"{base}/health", timeout=30).status_code == 200

@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 NEEDED_WITHOUT_IMPORT = {
     "sse-starlette": "langserve's streaming endpoints import it",
     "sentence-transformers": "pymilvus-model's SentenceTransformerEmbeddingFunction imports it",
+    "python-multipart": "Starlette's form parser (POST /documents uploads) imports it",
     "markdownify": "langchain-community's MarkdownifyTransformer (loaders/formats.py) imports it",
-    "python-multipart": "Starlette's Request.form() (the uploads of documents_api.py) imports it",
 }
 
 

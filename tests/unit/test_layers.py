@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,12 @@ LAYERS = {
     "limits": 4,
     "access": 4,
 }
+
+
+def test_every_module_of_the_project_has_a_layer() -> None:
+    shipped = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert set(shipped["py-modules"]) | set(shipped["packages"]) == set(LAYERS)
+    assert {p.stem for p in REPO.glob("*.py")} <= set(LAYERS)
 
 
 def top_package(path: Path) -> str:
