@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
         redoc_url=None,
     )
     app.state.service = service
+    app.state.services = services  # by knowledge base
 
     # Pure ASGI middleware (not @app.middleware): it must not buffer streams or hide a
     # client's disconnect from the stream that should cancel the DeepSeek request.

@@ -464,16 +464,16 @@ async def test_api_docs_and_health_details_follow_the_key(tenants: Tenants) -> N
     assert operator.status_code == 200 and operator.json()["collection_name"] == "tenants"
 
 
-async def test_the_mcp_tools_check_the_scope_themselves_wherever_they_are_mounted(
-    tenants: Tenants, embeddings: Any
-) -> None:
+async def test_the_mcp_tools_check_the_scope_themselves_wherever_they_are_mounted(tenants: Tenants) -> None:
     """Without the app's AccessMiddleware in front, `authorize` refuses a key of another
     knowledge base in the tool call itself."""
     from contextlib import asynccontextmanager
 
     from mcp_server import mount_mcp
 
-    service = open_service(tenants.settings.for_knowledge_base("hr"), llm=None, embeddings=embeddings)
+    # The served app's own hr service: a client of the Lite file opened and closed here would
+    # stop the Lite server that the app's clients share.
+    service = tenants.app.state.services["hr"]
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
@@ -483,18 +483,12 @@ async def test_the_mcp_tools_check_the_scope_themselves_wherever_they_are_mounte
     app = FastAPI(lifespan=lifespan)
     running = mount_mcp(app, service, tenants.settings, prefix="/kb/hr", kb="hr")
     results = {}
-    try:
-        with serve_in_thread(app) as url:
-            for name in ("eng-write", "hr-read"):
-                async with (
-                    httpx2.AsyncClient(headers=auth(name), timeout=60) as client,
-                    Client(
-                        streamable_http_client(f"{url}/kb/hr/mcp", http_client=client), mode="legacy"
-                    ) as mcp,
-                ):
-                    results[name] = await mcp.call_tool("list_sources", {})
-    finally:
-        service.close()
+    with serve_in_thread(app) as url:
+        for name in ("eng-write", "hr-read"):
+            http = httpx2.AsyncClient(headers=auth(name), timeout=60)
+            endpoint = streamable_http_client(f"{url}/kb/hr/mcp", http_client=http)
+            async with http, Client(endpoint, mode="legacy") as mcp:
+                results[name] = await mcp.call_tool("list_sources", {})
     refused, allowed = results["eng-write"], results["hr-read"]
     assert refused.is_error and "no knowledge base 'hr'" in str(refused.content)
     assert not allowed.is_error and "leave.md" in allowed.structured_content["sources"]  # type: ignore[index]
