@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from errors import InputError, RagError, SourceError
-from settings import Settings, get_settings, import_pymilvus_safely
+from settings import DEFAULT_KB, Settings, get_settings, import_pymilvus_safely
 
 PROJECT_DOCS = Path(__file__).resolve().parent / "docs"
 EXIT_ERROR = 1
@@ -210,14 +210,18 @@ def cmd_stats(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
 
     service = _service(settings, llm=None)
     try:
-        stats = collection_stats(service.get_store())
+        stats = {"knowledge_base": args.kb, **collection_stats(service.get_store())}
     finally:
         service.close()
+    if len(settings.knowledge_base_names) > 1:
+        stats["knowledge_bases"] = settings.knowledge_base_names
     if args.json:
         print(json.dumps(stats), file=out)
     else:
         for key, value in stats.items():
-            shown = len(value) if isinstance(value, list) else value
+            shown = value if not isinstance(value, list) else len(value)
+            if key == "knowledge_bases":
+                shown = ", ".join(value)
             print(f"{key:16} {shown}", file=out)
     return 0
 
@@ -262,6 +266,15 @@ def cmd_eval(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     return 0
 
 
+def _kb_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kb",
+        default=DEFAULT_KB,
+        metavar="NAME",
+        help=f"the knowledge base (one of RAG_KNOWLEDGE_BASES; default: {DEFAULT_KB}, RAG_COLLECTION)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for `rag`."""
     parser = argparse.ArgumentParser(
@@ -277,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-mb", type=float, default=20.0, help="skip files larger than this")
     p.add_argument("--max-pages", type=int, default=2000, help="skip PDFs with more pages than this")
     p.add_argument("--file-timeout", type=float, default=120.0, help="seconds to read one PDF or DOCX file")
+    _kb_option(p)
     p.set_defaults(handler=cmd_ingest)
 
     p = sub.add_parser("search", help="retrieve passages (no LLM)")
@@ -286,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default=None, help="only sources matching this glob, e.g. 'faq/*'")
     p.add_argument("--filter", default=None, help="a Milvus filter expression")
     p.add_argument("--json", action="store_true", help="one JSON line per query")
+    _kb_option(p)
     p.set_defaults(handler=cmd_search)
 
     p = sub.add_parser("ask", help="answer a question with citations")
@@ -299,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="DeepSeek model id (one of DEEPSEEK_MODELS)")
     p.add_argument("--thinking", action="store_true", help="let the model reason first (to stderr)")
     p.add_argument("--usage", action="store_true", help="print token usage to stderr")
+    _kb_option(p)
     p.set_defaults(handler=cmd_ask)
 
     p = sub.add_parser("serve", help="run the LangServe HTTP server")
@@ -317,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("mcp", help="serve the MCP tools over stdio, for desktop MCP hosts")
+    _kb_option(p)
     p.set_defaults(handler=cmd_mcp)
 
     p = sub.add_parser("eval", help="retrieval metrics on a JSONL file of questions")
@@ -330,10 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also evaluate the tutorial's naive pipeline built from these paths",
     )
     p.add_argument("--json", action="store_true")
+    _kb_option(p)
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("stats", help="what the collection holds")
     p.add_argument("--json", action="store_true")
+    _kb_option(p)
     p.set_defaults(handler=cmd_stats)
     return parser
 
@@ -358,6 +377,8 @@ def main(
     _quiet_libraries()
     try:
         settings = settings_factory()
+        if getattr(args, "kb", DEFAULT_KB) != DEFAULT_KB:
+            settings = settings.for_knowledge_base(args.kb)
         return int(args.handler(args, settings, out))
     except RagError as exc:
         print(f"rag: error: {exc}", file=sys.stderr)
@@ -370,10 +391,8 @@ def main(
 
         if isinstance(exc, ValidationError):
             fields = ", ".join(str(e["loc"][0]) for e in exc.errors() if e.get("loc"))
-            print(
-                f"rag: error: invalid configuration ({fields}): {exc.errors()[0]['msg']}",
-                file=sys.stderr,
-            )
+            where = f" ({fields})" if fields else ""
+            print(f"rag: error: invalid configuration{where}: {exc.errors()[0]['msg']}", file=sys.stderr)
             return EXIT_USAGE
         print(f"rag: error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
         return EXIT_ERROR

@@ -9,6 +9,9 @@ and delete documents. See docs/http-api.md.
     GET    /documents/{source}   its chunks (the source URL-encoded)
     DELETE /documents/{source}   removes its chunks
 
+Each knowledge base has these routes under its prefix (/kb/{name}/documents, ...); a job is
+seen only under the prefix of the knowledge base it was sent to.
+
 An upload is checked while the request is answered (names, types, sizes, archives: a 4xx
 and nothing stored when one is wrong), written to a folder of its own under RAG_JOBS_DIR,
 and ingested by a worker thread with the CLI's own `ingest`, off the request path: questions
@@ -34,14 +37,14 @@ import threading
 import time
 import uuid
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from queue import Queue
 from typing import TYPE_CHECKING, Any, Literal
 
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -188,9 +191,13 @@ class JobStore:
             self.interrupt(job)
         return job
 
-    def latest(self, limit: int) -> list[Job]:
+    def latest(self, limit: int, collection: str) -> list[Job]:
+        """The latest jobs into one collection, newest first."""
         with self._connect() as db:
-            rows = db.execute("SELECT id FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
+            rows = db.execute(
+                "SELECT id FROM jobs WHERE collection = ? ORDER BY created_at DESC LIMIT ?",
+                (collection, limit),
+            ).fetchall()
         return [job for (job_id,) in rows if (job := self.get(job_id)) is not None]
 
     def owner_alive(self, owner: str) -> bool:
@@ -420,10 +427,12 @@ class UrlsRequest(BaseModel):
 
 
 class DocumentsAPI:
-    """The job runner (a worker thread, started and stopped with the app) and the routes."""
+    """The job runner of every knowledge base of an app: one jobs database and one worker
+    thread (started and stopped with the app), so jobs run one at a time, in the order sent.
+    Each job records its collection, which is that of the knowledge base it was sent to."""
 
-    def __init__(self, service: RagService, settings: Settings) -> None:
-        self.service = service
+    def __init__(self, services: Iterable[RagService], settings: Settings) -> None:
+        self.services = {service.settings.collection: service for service in services}
         self.settings = settings
         self.folder = settings.jobs_path
         self.jobs: JobStore | None = None
@@ -431,7 +440,7 @@ class DocumentsAPI:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._locks: dict[str, threading.Lock] = {}
-        self._chunker: Chunker | None = None
+        self._chunkers: dict[str, Chunker] = {}
         self._running: str | None = None  # the job the worker is on
         self._submit_lock = threading.Lock()
         # Requests waiting for a job of this process to finish (GET /jobs/{id}?wait=S).
@@ -439,6 +448,15 @@ class DocumentsAPI:
         self._waiters_lock = threading.Lock()
 
     # Lifecycle
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The worker, for the life of the app (its lifespan runs this)."""
+        await run_in_threadpool(self.start)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(self.stop)
 
     def start(self) -> None:
         """Open the jobs database, mark jobs of stopped servers interrupted, start the worker."""
@@ -480,6 +498,7 @@ class DocumentsAPI:
         root: str | None,
         names: dict[str, str],
         job_id: str,
+        collection: str,
     ) -> Job:
         assert self.jobs is not None, "the documents API is not started"
         # Jobs are created, saved and queued in one step: they run in the order of their
@@ -487,7 +506,7 @@ class DocumentsAPI:
         with self._submit_lock:
             job = Job(
                 id=job_id,
-                collection=self.service.settings.collection,
+                collection=collection,
                 kind=kind,
                 inputs=inputs,
                 owner=self.jobs.owner,
@@ -543,7 +562,7 @@ class DocumentsAPI:
         for loop, event in waiters:
             loop.call_soon_threadsafe(event.set)
 
-    async def wait(self, job_id: str, seconds: float) -> Job:
+    async def wait(self, job_id: str, seconds: float, collection: str) -> Job:
         """The job once it is finished, or as it is after `seconds`.
 
         Woken by this process's worker; a job run by another worker process is read again
@@ -556,7 +575,7 @@ class DocumentsAPI:
             with self._waiters_lock:
                 self._waiters.setdefault(job_id, []).append((loop, event))
             try:
-                job = await run_in_threadpool(self.job, job_id)
+                job = await run_in_threadpool(self.job, job_id, collection)
                 remaining = deadline - loop.time()
                 if job.state in FINISHED or remaining <= 0:
                     return job
@@ -593,13 +612,14 @@ class DocumentsAPI:
             job.state, job.started_at = "running", time.time()
             jobs.save(job)
             try:
-                store = self.service.get_store()
-                if self._chunker is None:
-                    self._chunker = self.service.chunker()
+                service = self.services[job.collection]
+                store = service.get_store()
+                if job.collection not in self._chunkers:
+                    self._chunkers[job.collection] = service.chunker()
                 report = ingest(
                     paths,
                     store,
-                    self._chunker,
+                    self._chunkers[job.collection],
                     root=root,
                     on_file=progress,
                     max_bytes=int(settings.max_file_mb * 1024 * 1024),
@@ -635,7 +655,7 @@ class DocumentsAPI:
 
     # Requests
 
-    async def accept_upload(self, request: Request) -> Job:
+    async def accept_upload(self, request: Request, collection: str) -> Job:
         form = await request.form(max_files=MAX_FILES, max_fields=MAX_FILES)
         try:
             values = form.getlist("files")
@@ -654,10 +674,10 @@ class DocumentsAPI:
         finally:
             await form.close()
         return await run_in_threadpool(
-            self.submit, "upload", [u.name for u in uploads], paths, UPLOAD_ROOT, names, job_id
+            self.submit, "upload", [u.name for u in uploads], paths, UPLOAD_ROOT, names, job_id, collection
         )
 
-    async def accept_urls(self, request: Request) -> Job:
+    async def accept_urls(self, request: Request, collection: str) -> Job:
         try:
             body = UrlsRequest.model_validate_json(await request.body())
         except ValidationError as exc:
@@ -675,22 +695,25 @@ class DocumentsAPI:
                     await run_in_threadpool(check_url, url)
                 except SourceError as exc:
                     raise HTTPException(400, str(exc)) from None
-        return await run_in_threadpool(self.submit, "urls", urls, urls, None, {}, uuid.uuid4().hex)
+        return await run_in_threadpool(
+            self.submit, "urls", urls, urls, None, {}, uuid.uuid4().hex, collection
+        )
 
-    def job(self, job_id: str) -> Job:
+    def job(self, job_id: str, collection: str) -> Job:
+        """A job into `collection`; 404 for any other, as for one that does not exist."""
         assert self.jobs is not None
         job = self.jobs.get(job_id)
-        if job is None:
-            raise HTTPException(404, f"no job {job_id!r}")
+        if job is None or job.collection != collection:
+            raise HTTPException(404, f"no job {job_id[:64]!r}")
         return job
 
-    def delete(self, source: str, root: str | None) -> int:
+    def delete(self, source: str, root: str | None, service: RagService) -> int:
         from store.catalog import delete_document
 
-        collection = self.service.settings.collection
+        collection = service.settings.collection
         try:
             with self.lock(collection, timeout=LOCK_WAIT_S):
-                return delete_document(self.service.get_store(), source, root)
+                return delete_document(service.get_store(), source, root)
         except TimeoutError:
             raise HTTPException(
                 409,
@@ -699,19 +722,11 @@ class DocumentsAPI:
             ) from None
 
 
-def make_documents_router(service: RagService, settings: Settings) -> APIRouter:
-    """The documents and jobs routes; the ingest worker starts and stops with the app."""
-    documents = DocumentsAPI(service, settings)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await run_in_threadpool(documents.start)
-        try:
-            yield
-        finally:
-            await run_in_threadpool(documents.stop)
-
-    router = APIRouter(tags=["Documents"], lifespan=lifespan)
+def make_documents_router(documents: DocumentsAPI, service: RagService, prefix: str = "") -> APIRouter:
+    """The documents and jobs routes of one knowledge base (`service`), to be included at
+    `prefix`; `documents` runs the jobs (its `running()` belongs in the app's lifespan)."""
+    collection = service.settings.collection
+    router = APIRouter(tags=["Documents"])
 
     @router.post(
         "/documents",
@@ -748,17 +763,17 @@ def make_documents_router(service: RagService, settings: Settings) -> APIRouter:
         """Ingest uploaded files and zip archives (multipart, field `files`) or `{"urls": [...]}`."""
         content_type = request.headers.get("content-type", "").lower()
         if content_type.startswith("multipart/form-data"):
-            job = await documents.accept_upload(request)
+            job = await documents.accept_upload(request, collection)
         elif content_type.startswith("application/json"):
-            job = await documents.accept_urls(request)
+            job = await documents.accept_urls(request, collection)
         else:
             raise HTTPException(
                 415, 'send multipart/form-data with files in the field `files`, or JSON {"urls": [...]}'
             )
         return JSONResponse(
             status_code=202,
-            content={"job_id": job.id, "state": job.state, "status_url": f"/jobs/{job.id}"},
-            headers={"Location": f"/jobs/{job.id}"},
+            content={"job_id": job.id, "state": job.state, "status_url": f"{prefix}/jobs/{job.id}"},
+            headers={"Location": f"{prefix}/jobs/{job.id}"},
         )
 
     @router.get("/jobs/{job_id}")
@@ -770,14 +785,14 @@ def make_documents_router(service: RagService, settings: Settings) -> APIRouter:
     ) -> dict[str, Any]:
         """An ingest job: state, files done of total, chunks added/updated/unchanged, skipped, errors."""
         if wait:
-            return (await documents.wait(job_id, wait)).public()
-        return (await run_in_threadpool(documents.job, job_id)).public()
+            return (await documents.wait(job_id, wait, collection)).public()
+        return (await run_in_threadpool(documents.job, job_id, collection)).public()
 
     @router.get("/jobs")
     def list_jobs(limit: int = Query(default=20, ge=1, le=100)) -> dict[str, Any]:
         """The latest jobs, newest first."""
         assert documents.jobs is not None
-        return {"jobs": [job.public() for job in documents.jobs.latest(limit)]}
+        return {"jobs": [job.public() for job in documents.jobs.latest(limit, collection)]}
 
     @router.get("/documents")
     def list_documents() -> dict[str, Any]:
@@ -807,7 +822,7 @@ def make_documents_router(service: RagService, settings: Settings) -> APIRouter:
     @router.delete("/documents/{source:path}")
     def delete_document(source: str, root: str | None = None) -> dict[str, Any]:
         """Delete the chunks of one source (every root that has it, unless `root` names one)."""
-        deleted = documents.delete(source, root)
+        deleted = documents.delete(source, root, service)
         if not deleted:
             raise HTTPException(404, f"no document {source!r}" + (f" under {root!r}" if root else ""))
         return {"source": source, "deleted": deleted}

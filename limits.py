@@ -86,6 +86,24 @@ def _size(limit: int) -> str:
     return f"{limit / MB:g} MB" if limit >= MB else f"{limit} bytes"
 
 
+def route_path(scope: Scope) -> str:
+    """The path the router matches: the request's path without the app's root path (behind a
+    proxy that serves the app under a prefix, `uvicorn --root-path /rag`, scope["path"]
+    includes it). Starlette's own function for this is private (starlette._utils); this is
+    its rule, which the tests check against the routes the router picks."""
+    path, root = str(scope["path"]), str(scope.get("root_path", ""))
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :]
+    return path
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether a path is the OpenAI-compatible API's: /v1/... or /kb/{name}/v1/..."""
+    if path.startswith("/kb/"):
+        path = "/" + path[len("/kb/") :].partition("/")[2]
+    return path.startswith("/v1/")
+
+
 async def reject(
     scope: Scope,
     send: Send,
@@ -96,7 +114,7 @@ async def reject(
     headers: dict[str, str] | None = None,
 ) -> None:
     """A JSON error; OpenAI's error shape under /v1, so OpenAI clients show the message."""
-    if scope["path"].startswith("/v1/"):
+    if is_openai_path(route_path(scope)):
         error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
         content: dict[str, Any] = {"error": error}
     else:

@@ -1,6 +1,7 @@
 """The service over MCP (Model Context Protocol): the tools search_docs, ask_docs and
 list_sources, for any MCP host. Served as streamable HTTP at /mcp in the app (server.py,
-behind the same RAG_API_KEYS), and over stdio by `rag mcp` for desktop hosts.
+behind the same API keys), one server per knowledge base (/kb/{name}/mcp for the others),
+and over stdio by `rag mcp [--kb NAME]` for desktop hosts.
 
 The tools are chains/tools.py's LangChain tools (one behaviour, in process, remote and
 here); the MCP server adds the input schemas, structured results and `isError` results.
@@ -8,9 +9,8 @@ here); the MCP server adds the input schemas, structured results and `isError` r
 
 from __future__ import annotations
 
-import hmac
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from api_keys import KeyRing
 from chains.rag import to_sources
 from chains.tools import (
     ASK_DESCRIPTION,
@@ -38,7 +39,7 @@ from chains.tools import (
     rag_tools,
 )
 from errors import RagError
-from settings import Settings
+from settings import DEFAULT_KB, Settings
 
 if TYPE_CHECKING:
     from service import RagService
@@ -102,21 +103,23 @@ def bearer_token(headers: Any) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def authorize(ctx: Context, keys: Sequence[str]) -> None:
-    """Whether this caller may use the tools: the one check every MCP tool makes first.
+def authorize(ctx: Context, keys: KeyRing, kb: str) -> None:
+    """Whether this caller may use the tools of knowledge base `kb`: the one check every MCP
+    tool makes first.
 
-    Over HTTP the bearer key must be one of RAG_API_KEYS (when any are set). The app's
-    ApiKeyMiddleware has already refused other keys before /mcp, with a 401; checking again
-    here keeps the tools guarded wherever this server is mounted, and this is where a key
-    limited to some collections would be checked against the collection a tool reads.
-    Over stdio there are no headers: `rag mcp` runs as the local user who started it.
+    Over HTTP the bearer key must be a known key (when any are set) whose scope holds `kb`.
+    The app's AccessMiddleware has already refused other keys before /mcp or /kb/{kb}/mcp,
+    with a 401 or 404; checking again here keeps the tools guarded wherever this server is
+    mounted. Over stdio there are no headers: `rag mcp` runs as the local user who started it.
     """
     headers = ctx.headers
-    if headers is None or not keys:
+    if headers is None or not keys.required:
         return
-    token = bearer_token(headers).encode()
-    if not any(hmac.compare_digest(token, key.encode()) for key in keys):
-        raise ToolError("missing or invalid API key: send Authorization: Bearer <key> (one of RAG_API_KEYS)")
+    grant = keys.grant_for(bearer_token(headers))
+    if grant is None:
+        raise ToolError("missing or invalid API key: send Authorization: Bearer <key>")
+    if not grant.may_read(kb):
+        raise ToolError(f"no knowledge base {kb!r}")
 
 
 async def _call(tool: BaseTool, arguments: dict[str, Any]) -> ToolMessage:
@@ -135,10 +138,12 @@ def create_mcp_server(
     service: RagService,
     settings: Settings | None = None,
     lifespan: Callable[[MCPServer], AbstractAsyncContextManager[None]] | None = None,
+    kb: str = DEFAULT_KB,
 ) -> MCPServer:
-    """The MCP server over a service; `settings` (default: the service's) give the API keys.
-    `lifespan`: what runs around it (stdio opens the store in it; in the app, the app's does)."""
-    keys = (settings or service.settings).api_key_list
+    """The MCP server over the service of knowledge base `kb`; `settings` (default: the
+    service's) give the API keys. `lifespan`: what runs around it (stdio opens the store in
+    it; in the app, the app's does)."""
+    keys = (settings or service.settings).key_ring()
     search_tool, ask_tool = rag_tools(service.configurable_retriever, service.chain)
     server: MCPServer = MCPServer(
         "milvus-deepseek-rag",
@@ -158,7 +163,7 @@ def create_mcp_server(
         source: Annotated[str | None, _described(SearchDocsInput, "source")] = None,
         filter: Annotated[str | None, _described(SearchDocsInput, "filter")] = None,
     ) -> Annotated[CallToolResult, SearchResult]:
-        authorize(ctx, keys)
+        authorize(ctx, keys, kb)
         arguments = {"query": query, "k": k, "source": source, "filter": filter}
         message = await _call(search_tool, {n: v for n, v in arguments.items() if v is not None})
         passages = to_sources(message.artifact or [])
@@ -171,7 +176,7 @@ def create_mcp_server(
     async def ask_docs(
         question: Annotated[str, _described(AskDocsInput, "question")], ctx: Context
     ) -> Annotated[CallToolResult, AnswerResult]:
-        authorize(ctx, keys)
+        authorize(ctx, keys, kb)
         message = await _call(ask_tool, {"question": question})
         output = message.artifact or {}
         result = AnswerResult.model_validate(
@@ -184,7 +189,7 @@ def create_mcp_server(
 
     @server.tool(name=LIST_SOURCES, description=LIST_DESCRIPTION, annotations=READ_ONLY)
     async def list_sources(ctx: Context) -> Annotated[CallToolResult, SourcesResult]:
-        authorize(ctx, keys)
+        authorize(ctx, keys, kb)
         from store.milvus import collection_stats
 
         try:
@@ -213,9 +218,10 @@ class McpEndpoint:
     answers 503.
     """
 
-    def __init__(self, server: MCPServer, settings: Settings) -> None:
+    def __init__(self, server: MCPServer, settings: Settings, path: str = MCP_PATH) -> None:
         self.server = server
         self.settings = settings
+        self.path = path
         self.current: Starlette | None = None
 
     def build(self) -> Starlette:
@@ -224,10 +230,10 @@ class McpEndpoint:
         # key guards /mcp as every other route, and a reverse proxy may pass its own Host.
         keyed = TransportSecuritySettings(enable_dns_rebinding_protection=False)
         return self.server.streamable_http_app(
-            streamable_http_path=MCP_PATH,
+            streamable_http_path=self.path,
             stateless_http=True,
             json_response=True,
-            transport_security=keyed if self.settings.api_key_list else None,
+            transport_security=keyed if self.settings.keys_required else None,
             host=self.settings.host,
         )
 
@@ -251,18 +257,19 @@ class McpEndpoint:
 
 
 def mount_mcp(
-    app: Starlette, service: RagService, settings: Settings
+    app: Starlette, service: RagService, settings: Settings, prefix: str = "", kb: str = DEFAULT_KB
 ) -> Callable[[], AbstractAsyncContextManager[None]]:
-    """Serve the MCP tools at /mcp in `app`; returns what the app's lifespan must run around
-    its life (the SDK's session manager).
+    """Serve the MCP tools of knowledge base `kb` at `{prefix}/mcp` in `app`; returns what
+    the app's lifespan must run around its life (the SDK's session manager).
 
     Stateless, with JSON responses: each POST stands alone, so `rag serve --workers N` may
     send one client's requests to different workers (clients of the 2026 protocol carry no
     session either). The route is added to the app's own router, not mounted under /mcp,
     where Starlette would redirect POST /mcp to /mcp/.
     """
-    endpoint = McpEndpoint(create_mcp_server(service, settings), settings)
-    app.router.routes.append(Route(MCP_PATH, endpoint=endpoint))
+    path = prefix + MCP_PATH
+    endpoint = McpEndpoint(create_mcp_server(service, settings, kb=kb), settings, path)
+    app.router.routes.append(Route(path, endpoint=endpoint))
     return endpoint.running
 
 

@@ -16,7 +16,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,10 +25,12 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.runnables import Runnable
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api_keys import OPEN, Grant
 from errors import LLMError, LLMTimeoutError
 from settings import Settings
 
@@ -141,14 +143,14 @@ class Metrics:
 
         self.requests = Counter(
             "rag_http_requests",
-            "HTTP requests by method, route template and status code.",
-            ["method", "route", "status"],
+            "HTTP requests by method, route template, status code and knowledge base.",
+            ["method", "route", "status", "kb"],
             registry=registry,
         )
         self.request_seconds = Histogram(
             "rag_http_request_duration_seconds",
             "Time from a request's arrival to the end of its response (a streamed answer included).",
-            ["method", "route"],
+            ["method", "route", "kb"],
             buckets=REQUEST_BUCKETS,
             registry=registry,
         )
@@ -190,26 +192,32 @@ class Metrics:
         )
 
 
-class StoreCollector:
-    """`rag_store_chunks`, counted in Milvus at each scrape (any worker can: the store is shared)."""
+STORE_CHUNKS = ("rag_store_chunks", "Chunks in the collection of each knowledge base.")
 
-    def __init__(self, service: RagService) -> None:
-        self.service = service
+
+class StoreCollector:
+    """`rag_store_chunks` per knowledge base, counted in Milvus at each scrape (any worker
+    can: the store is shared)."""
+
+    def __init__(self, services: Mapping[str, RagService]) -> None:
+        self.services = services
 
     def describe(self) -> list[Metric]:
         from prometheus_client.core import GaugeMetricFamily
 
-        return [GaugeMetricFamily("rag_store_chunks", "Chunks in the collection.")]
+        return [GaugeMetricFamily(*STORE_CHUNKS, labels=["kb"])]
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import GaugeMetricFamily
 
-        try:
-            chunks = self.service.get_store().count()
-        except Exception as exc:  # Milvus down: the metric is absent, /health says why
-            log.warning("chunks in the store not counted: %s", exc)
-            return
-        yield GaugeMetricFamily("rag_store_chunks", "Chunks in the collection.", value=chunks)
+        family = GaugeMetricFamily(*STORE_CHUNKS, labels=["kb"])
+        for kb, service in self.services.items():
+            try:
+                family.add_metric([kb], service.get_store().count())
+            except Exception as exc:  # Milvus down: the sample is absent, /health says why
+                log.warning("chunks of knowledge base %s not counted: %s", kb, exc)
+        if family.samples:
+            yield family
 
 
 def error_kind(error: BaseException) -> str:
@@ -380,6 +388,29 @@ class ChainMetricsHandler(BaseCallbackHandler):
         self._end(run_id)
 
 
+class VisibleSamples:
+    """A registry's samples that a key limited to some knowledge bases may see: those with
+    the `kb` label of one of them. The others (another knowledge base's traffic, and the
+    process-wide DeepSeek and retrieval figures, which mix every knowledge base) are the
+    operator's: an admin key scrapes the whole registry."""
+
+    def __init__(self, registry: CollectorRegistry, grant: Grant) -> None:
+        self.registry = registry
+        self.grant = grant
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import Metric
+
+        for family in self.registry.collect():
+            samples = [
+                s for s in family.samples if s.labels.get("kb") and self.grant.may_read(s.labels["kb"])
+            ]
+            if samples:
+                visible = Metric(family.name, family.documentation, family.type, family.unit)
+                visible.samples = samples
+                yield visible
+
+
 class RequestMiddleware:
     """Per request: a request id (X-Request-ID on the response, `request_id` on log lines),
     the HTTP metrics, and a JSON 500 for an unexpected error.
@@ -423,18 +454,30 @@ class RequestMiddleware:
             )
             await response(scope, receive, send_with_id)
         finally:
-            route = self._route(scope)
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
-            self.metrics.request_seconds.labels(scope["method"], route).observe(time.perf_counter() - started)
+            route, kb = self._route(scope)
+            self.metrics.requests.labels(scope["method"], route, str(status), kb).inc()
+            self.metrics.request_seconds.labels(scope["method"], route, kb).observe(
+                time.perf_counter() - started
+            )
             REQUEST_ID.reset(token)
 
-    def _route(self, scope: Scope) -> str:
-        """The route's template (`/rag/invoke`, `/rag/c/{config_hash}/invoke`), never the raw path."""
+    def _route(self, scope: Scope) -> tuple[str, str]:
+        """The route's template (`/rag/invoke`, `/rag/c/{config_hash}/invoke`), never the raw
+        path, and its knowledge base: `/kb/hr/rag/invoke` is `/rag/invoke` of `hr`.
+
+        The knowledge base is the one the access middleware let through (or the one a
+        `{kb}:{model}` id chose), never a name taken from the path as it came: "" otherwise.
+        """
         route = scope.get("route")
         if route is None:  # refused before routing (401), or no route (404): match it here
             matches = [r for r in self.routes if r.matches(scope)[0] is not Match.NONE]
             route = matches[0] if matches else None
-        return str(getattr(route, "path", "unmatched"))
+        template = str(getattr(route, "path", "unmatched"))
+        state = scope.get("state") or {}
+        prefix = state.get("kb_prefix", "")
+        if prefix and template.startswith(prefix + "/"):
+            template = template[len(prefix) :]
+        return template, str(state.get("kb", ""))
 
 
 @dataclass
@@ -442,15 +485,16 @@ class Observability:
     """The metrics of one app, the handler that feeds them from the chain, and /metrics."""
 
     settings: Settings
-    service: RagService
+    services: Mapping[str, RagService]
     metrics: Metrics
     handler: ChainMetricsHandler
     scrape_registry: CollectorRegistry
 
     @classmethod
-    def create(cls, settings: Settings, service: RagService) -> Observability:
+    def create(cls, settings: Settings, services: Mapping[str, RagService]) -> Observability:
         """Metrics in a registry of this app's own, or in the multiprocess files when
-        PROMETHEUS_MULTIPROC_DIR is set (`rag serve --workers N`)."""
+        PROMETHEUS_MULTIPROC_DIR is set (`rag serve --workers N`); `services`: the service of
+        each knowledge base, by name."""
         from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -460,8 +504,8 @@ class Observability:
             MultiProcessCollector(scrape_registry, path=settings.prometheus_multiproc_dir)
         else:
             metrics = Metrics(registry=scrape_registry)
-        scrape_registry.register(StoreCollector(service))
-        return cls(settings, service, metrics, ChainMetricsHandler(metrics), scrape_registry)
+        scrape_registry.register(StoreCollector(services))
+        return cls(settings, services, metrics, ChainMetricsHandler(metrics), scrape_registry)
 
     def watch(self, runnable: Runnable) -> Runnable:
         """The runnable with the metrics handler among its callbacks (inherited by every step)."""
@@ -477,8 +521,10 @@ class Observability:
 
         # Sync: counting the chunks is a blocking pymilvus call, so FastAPI runs it in a thread.
         @app.get("/metrics", include_in_schema=False)
-        def metrics() -> Response:
-            return Response(generate_latest(self.scrape_registry), media_type=CONTENT_TYPE_LATEST)
+        def metrics(request: Request) -> Response:
+            grant: Grant = getattr(request.state, "grant", OPEN)
+            registry = self.scrape_registry if grant.is_admin else VisibleSamples(self.scrape_registry, grant)
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     def process_exit(self) -> None:
         """At a worker's shutdown: prometheus-client's clean-up of this process's files."""

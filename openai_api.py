@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import anyio
@@ -517,6 +518,20 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class ModelChoice:
+    """What a `model` id names: the chain that answers, the LLM model it asks, and the
+    knowledge base it reads (for the metrics)."""
+
+    chain: Runnable
+    model: str
+    kb: str | None = None
+
+
+# The model ids a request may name, and what each names (per request: per API key).
+ModelsFor = Callable[[Request], dict[str, ModelChoice]]
+
+
 def make_openai_router(chain: Runnable, models: list[str], default_model: str) -> APIRouter:
     """Routes `/v1/chat/completions` and `/v1/models` that answer with `chain`.
 
@@ -525,14 +540,20 @@ def make_openai_router(chain: Runnable, models: list[str], default_model: str) -
     stream of `sources`, `reasoning`, `answer`, `usage` and `error` chunks. `models` are the
     ids a request may name; `default_model` answers requests that name none.
     """
-    known_models = list(dict.fromkeys([*models, default_model]))
+    choices = {m: ModelChoice(chain, m) for m in dict.fromkeys([*models, default_model])}
+    return openai_router(lambda _: choices, default_model)
+
+
+def openai_router(models_for: ModelsFor, default_model: str) -> APIRouter:
+    """The OpenAI-compatible routes over the models that `models_for` gives each request
+    (a server with several knowledge bases lists `{kb}:{model}` ids, each key its own)."""
     listed_at = int(time.time())
     router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], route_class=_OpenAIErrorRoute)
 
     @router.get("/models", response_model=ModelList)
-    async def list_models() -> ModelList:
+    async def list_models(request: Request) -> ModelList:
         """The models that `model` may name."""
-        return ModelList(data=[ModelCard(id=m, created=listed_at) for m in known_models])
+        return ModelList(data=[ModelCard(id=m, created=listed_at) for m in models_for(request)])
 
     @router.post(
         "/chat/completions",
@@ -546,16 +567,21 @@ def make_openai_router(chain: Runnable, models: list[str], default_model: str) -
             },
         },
     )
-    async def chat_completions(request: ChatCompletionRequest) -> Response:
+    async def chat_completions(request: ChatCompletionRequest, http: Request) -> Response:
         """Answer the last user message from the documents, OpenAI-style, with `sources`."""
         model = request.model or default_model
-        if model not in known_models:
+        choices = models_for(http)
+        choice = choices.get(model)
+        if choice is None:
             return error_response(
                 404,
-                f"The model `{model}` does not exist; available: {', '.join(known_models)}",
+                f"The model `{model[:200]}` does not exist; available: {', '.join(choices) or 'none'}",
                 param="model",
                 code="model_not_found",
             )
+        if choice.kb is not None:
+            http.state.kb = choice.kb  # the metrics' label: the knowledge base that answers
+        chain = choice.chain
         if refused := request.unsupported():
             field, reason = refused
             return error_response(400, reason, param=field, code="unsupported_parameter")
@@ -567,7 +593,7 @@ def make_openai_router(chain: Runnable, models: list[str], default_model: str) -
                 param="messages",
                 code="missing_user_message",
             )
-        config = to_chain_config(request, model)
+        config = to_chain_config(request, choice.model)
 
         if not request.stream:
             try:

@@ -1,10 +1,10 @@
 """The first page, `/`: what is ingested, and where to go from here (the playgrounds, the HTTP
-docs, the OpenAI-compatible API). With RAG_API_KEYS set it asks for a key first and keeps it
-in a cookie, which the playgrounds' own requests then carry: a browser cannot send a header."""
+docs, the OpenAI-compatible API), for each knowledge base the key may read. With API keys set
+it asks for a key first and keeps it in a cookie, which the playgrounds' own requests then
+carry: a browser cannot send a header."""
 
 from __future__ import annotations
 
-import hmac
 import html
 import logging
 from typing import TYPE_CHECKING, Any
@@ -14,8 +14,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.requests import HTTPConnection
 
+from api_keys import Grant, KeyRing
 from errors import RagError
-from settings import Settings
+from settings import DEFAULT_KB, Settings
 
 if TYPE_CHECKING:
     from service import RagService
@@ -57,12 +58,6 @@ def page(title: str, body: str) -> HTMLResponse:
     return HTMLResponse(document)
 
 
-def valid_key(given: str, keys: list[str]) -> bool:
-    """Whether `given` is one of the keys, compared in constant time."""
-    encoded = given.encode()
-    return bool(given) and any(hmac.compare_digest(encoded, key.encode()) for key in keys)
-
-
 def presented_key(connection: HTTPConnection) -> str:
     """The API key a request carries: `Authorization: Bearer <key>`, or else the cookie of
     a browser that signed in on `/` ("" if neither)."""
@@ -78,7 +73,7 @@ def sign_in_page(failed: bool) -> HTMLResponse:
 <h1>milvus-deepseek-rag</h1>
 <p class="lead">Answers from your documents, with citations.</p>
 <h2>API key</h2>
-<p>This server requires an API key (<code>RAG_API_KEYS</code>). Enter one to use the
+<p>This server requires an API key. Enter one to use the
 playgrounds and the HTTP docs in this browser; it is kept in a cookie for this site.
 Programs send it as <code>Authorization: Bearer &lt;key&gt;</code> instead.</p>
 {problem}
@@ -130,9 +125,45 @@ def describe_store(stats: dict[str, Any] | None, problem: str | None, settings: 
     return "\n".join(parts)
 
 
-def home_page(service: RagService, signed_in: bool) -> HTMLResponse:
+def kb_prefix(kb: str) -> str:
+    """Where a knowledge base's routes are: "" for the default one, /kb/{name} for the others."""
+    return "" if kb == DEFAULT_KB else f"/kb/{kb}"
+
+
+def describe_knowledge_bases(readable: dict[str, RagService], shown: str) -> str:
+    """The "Knowledge bases" section: each one the key may read, with its playgrounds."""
+    items = []
+    for kb, service in readable.items():
+        prefix = kb_prefix(kb)
+        try:
+            store = service.get_store()
+            chunks = f"{store.count()} chunks" if store.exists() else "empty"
+        except Exception as exc:  # one unreachable collection must not hide the others
+            log.warning("the first page could not count knowledge base %s: %s", kb, exc)
+            chunks = "not reachable"
+        name = html.escape(kb)
+        links = ", ".join(
+            f'<a href="{prefix}/{route}/playground/">{label}</a>'
+            for route, label in (("chat", "chat"), ("rag", "RAG"), ("retriever", "retriever"))
+        )
+        current = " (shown above)" if kb == shown else ""
+        items.append(
+            f'<li data-kb="{name}"><strong>{name}</strong>{current}: '
+            f"<code>{html.escape(service.settings.collection)}</code>, {chunks}. Playgrounds: {links}; "
+            f"OpenAI base URL <code>{prefix}/v1</code></li>"
+        )
+    return f"<ul>{''.join(items)}</ul>"
+
+
+def home_page(
+    readable: dict[str, RagService], signed_in: bool, grant: Grant, knowledge_bases: int
+) -> HTMLResponse:
+    """The page for the knowledge bases a key may read (the default one first, if it may);
+    `knowledge_bases`: how many the server has (a list of them appears when there are several)."""
     from store.milvus import collection_stats
 
+    kb, service = next(iter(readable.items()))
+    prefix = kb_prefix(kb)
     settings = service.settings
     stats: dict[str, Any] | None = None
     problem: str | None = None
@@ -148,45 +179,59 @@ def home_page(service: RagService, signed_in: bool) -> HTMLResponse:
         if signed_in
         else ""
     )
+    health = (
+        '<li><a href="/health/details">Health</a>: whether Milvus and the collection are reachable.</li>'
+        if grant.is_admin
+        else ""
+    )
+    named = f" <code>{html.escape(kb)}</code>" if knowledge_bases > 1 else ""
+    listing = (
+        f"<h2>Knowledge bases</h2>\n{describe_knowledge_bases(readable, kb)}" if knowledge_bases > 1 else ""
+    )
     body = f"""
 <h1>milvus-deepseek-rag</h1>
 <p class="lead">Answers from your documents, with citations. {sign_out}</p>
-<h2>Ask a question</h2>
+<h2>Ask a question{named}</h2>
 <ul>
-<li><a href="/chat/playground/">Chat playground</a>: a conversation; each answer comes with the
+<li><a href="{prefix}/chat/playground/">Chat playground</a>: a conversation; each answer comes with the
 list of its sources.</li>
-<li><a href="/rag/playground/">RAG playground</a>: the chain's raw output (sources, answer,
+<li><a href="{prefix}/rag/playground/">RAG playground</a>: the chain's raw output (sources, answer,
 usage) and its per-request settings: <code>k</code>, <code>search</code>, <code>source</code>,
 <code>filter</code>, <code>model</code>, <code>temperature</code>, <code>thinking</code>.</li>
-<li><a href="/retriever/playground/">Retriever playground</a>: the passages a question finds,
+<li><a href="{prefix}/retriever/playground/">Retriever playground</a>: the passages a question finds,
 without the LLM.</li>
 </ul>
 <h2>Call it from code</h2>
 <ul>
-<li><a href="/docs">HTTP API docs</a> (OpenAPI): <code>/rag/invoke</code>, <code>/rag/stream</code>,
-<code>/chat</code>, <code>/retriever</code>, or LangServe's <code>RemoteRunnable</code>.</li>
-<li><a href="/v1/models">OpenAI-compatible API</a>: any OpenAI client with the base URL
-<code>/v1</code> of this server.</li>
-<li><a href="/health/details">Health</a>: whether Milvus and the collection are reachable.</li>
+<li><a href="/docs">HTTP API docs</a> (OpenAPI): <code>{prefix}/rag/invoke</code>,
+<code>{prefix}/rag/stream</code>, <code>{prefix}/chat</code>, <code>{prefix}/retriever</code>,
+or LangServe's <code>RemoteRunnable</code>.</li>
+<li><a href="{prefix}/v1/models">OpenAI-compatible API</a>: any OpenAI client with the base URL
+<code>{prefix}/v1</code> of this server.</li>
+{health}
 </ul>
-<h2>What is ingested</h2>
-{describe_store(stats, problem, settings)}"""
+<h2>What is ingested{named}</h2>
+{describe_store(stats, problem, settings)}
+{listing}"""
     return page("milvus-deepseek-rag", body)
 
 
-def make_pages_router(service: RagService) -> APIRouter:
-    """`/` (and, with API keys, `/login` and `/logout`)."""
+def make_pages_router(services: dict[str, RagService], keys: KeyRing) -> APIRouter:
+    """`/` (and, with API keys, `/login` and `/logout`) over the knowledge bases' services,
+    the default one first."""
     router = APIRouter(include_in_schema=False)
-    keys = service.settings.api_key_list
+
+    def page_for(grant: Grant, signed_in: bool) -> HTMLResponse:
+        readable = {kb: service for kb, service in services.items() if grant.may_read(kb)}
+        return home_page(readable, signed_in, grant, len(services))
 
     # A plain `def`: counting sources queries Milvus, which blocks; FastAPI runs it in a thread.
     @router.get("/", response_class=HTMLResponse)
     def index(request: Request, failed: bool = False) -> Response:
-        if not keys:
-            return home_page(service, signed_in=False)
-        if valid_key(presented_key(request), keys):
-            return home_page(service, signed_in=True)
-        return sign_in_page(failed)
+        grant = keys.grant_for(presented_key(request))
+        if grant is None:
+            return sign_in_page(failed)
+        return page_for(grant, signed_in=keys.required)
 
     @router.post("/login")
     async def login(request: Request) -> Response:
@@ -194,7 +239,7 @@ def make_pages_router(service: RagService) -> APIRouter:
         # need python-multipart, a dependency for this one field).
         form = parse_qs((await request.body()).decode("utf-8", "replace"))
         key = (form.get("key") or [""])[0].strip()
-        if not valid_key(key, keys):
+        if not keys.required or keys.grant_for(key) is None:
             log.info("sign-in with an invalid API key")
             return RedirectResponse("/?failed=1", status_code=303)
         response = RedirectResponse("/", status_code=303)

@@ -1,28 +1,31 @@
 """The LangServe app: the chain at /rag, the chat at /chat, the retriever at /retriever, the MCP
-tools at /mcp, /health."""
+tools at /mcp, the OpenAI-compatible API at /v1, the documents at /documents, /health; and the
+same routes of each other knowledge base under /kb/{name}/ (access.py says who may use which)."""
 
 from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import openai
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse
+from langchain_core.runnables import Runnable
 from langserve import add_routes
-from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from documents_api import make_documents_router
+from access import AccessMiddleware, add_api_docs, grant_of
+from documents_api import DocumentsAPI, make_documents_router
 from errors import LLMError, RagError
 from limits import install_limits
 from observability import Observability, log_config
-from openai_api import make_openai_router
-from pages import OPEN_PATHS, make_pages_router, presented_key, valid_key
-from settings import Settings, get_settings, import_pymilvus_safely
+from openai_api import ModelChoice, make_openai_router, openai_router
+from pages import kb_prefix, make_pages_router
+from settings import DEFAULT_KB, Settings, get_settings, import_pymilvus_safely
 
 if TYPE_CHECKING:
     from service import RagService
@@ -31,21 +34,30 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, service: RagService | None = None) -> FastAPI:
-    """The FastAPI app. The store and the embedding model open once, at start-up."""
+    """The FastAPI app. The store and the embedding model open once, at start-up.
+
+    `service`: the default knowledge base's, when the caller has one (tests); the other
+    knowledge bases (RAG_KNOWLEDGE_BASES) share its LLM client and embedding model.
+    """
     if settings is None:
         settings = service.settings if service else get_settings()
     # Imported here, after the settings: importing pymilvus reads MILVUS_URI (see settings.py).
     from chains.llm import describe_llm_error
     from mcp_server import mount_mcp
-    from service import open_service
+    from service import open_knowledge_bases
 
-    service = service or open_service(settings)
-    observability = Observability.create(settings, service)
+    keys = settings.key_ring()
+    services = open_knowledge_bases(settings, default=service)
+    service = services[DEFAULT_KB]
+    observability = Observability.create(settings, services)
+    documents = DocumentsAPI(services.values(), settings)
+    mcp_endpoints: list[Callable[[], AbstractAsyncContextManager[None]]] = []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            service.get_store()
+            for kb_service in services.values():
+                kb_service.get_store()
             # Load the weights now, not on the first request.
             service.embeddings.embed_query("warm up")
         except RagError as exc:
@@ -56,10 +68,14 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
         gc.collect()
         gc.freeze()
         log.info("ready")
-        async with mcp_running():  # the MCP session manager at /mcp
+        async with AsyncExitStack() as running:
+            await running.enter_async_context(documents.running())
+            for mcp_running in mcp_endpoints:  # the MCP session managers at /mcp, /kb/{name}/mcp
+                await running.enter_async_context(mcp_running())
             yield
         gc.unfreeze()  # an app that stops in a process that goes on (tests) leaves nothing frozen
-        service.close()
+        for kb_service in services.values():
+            kb_service.close()
         observability.process_exit()
 
     app = FastAPI(
@@ -67,15 +83,19 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
         version="0.1.0",
         description="Answers from your documents, with citations. Milvus + DeepSeek + LangServe.",
         lifespan=lifespan,
+        # Served by access.add_api_docs: each key sees the routes of its knowledge bases.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = service
+    app.state.services = services  # by knowledge base
 
     # Pure ASGI middleware (not @app.middleware): it must not buffer streams or hide a
     # client's disconnect from the stream that should cancel the DeepSeek request.
     app.add_middleware(EndFailedStreamsMiddleware)
     install_limits(app, settings)  # inside the key check: only valid keys reach the limits
-    if settings.api_key_list:
-        app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list)
+    app.add_middleware(AccessMiddleware, keys=keys, knowledge_bases=list(services))
     # Request ids, HTTP metrics, /metrics (behind the API keys like every route but /health).
     observability.install(app)
 
@@ -91,7 +111,7 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
     @app.get("/health")
     async def health() -> JSONResponse:
         status_code, report = health_report(service)
-        if settings.api_key_list:  # open to anyone then: the status alone, no paths or names
+        if keys.required:  # open to anyone then: the status alone, no paths or names
             report = {"status": report["status"]}
         return JSONResponse(status_code=status_code, content=report)
 
@@ -100,17 +120,42 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
         status_code, report = health_report(service)
         return JSONResponse(status_code=status_code, content=report)
 
-    app.include_router(make_pages_router(service))
+    app.include_router(make_pages_router(services, keys))
+    add_api_docs(app, services)
 
-    # Each served runnable reports to the metrics through a LangChain callback handler.
-    chain = observability.watch(service.chain)
-    add_routes(app, chain, path="/rag")
-    add_routes(app, observability.watch(service.chat_chain), path="/chat", playground_type="chat")
-    add_routes(app, observability.watch(service.configurable_retriever), path="/retriever")
-    app.include_router(make_openai_router(chain, settings.model_list, settings.deepseek_model))
-    mcp_running = mount_mcp(app, service, settings)
-    app.include_router(make_documents_router(service, settings))
+    chains = {}
+    for kb, kb_service in services.items():
+        prefix = kb_prefix(kb)
+        # Each served runnable reports to the metrics through a LangChain callback handler.
+        chains[kb] = chain = observability.watch(kb_service.chain)
+        add_routes(app, chain, path=f"{prefix}/rag")
+        add_routes(
+            app, observability.watch(kb_service.chat_chain), path=f"{prefix}/chat", playground_type="chat"
+        )
+        add_routes(app, observability.watch(kb_service.configurable_retriever), path=f"{prefix}/retriever")
+        if prefix:
+            app.include_router(
+                make_openai_router(chain, settings.model_list, settings.deepseek_model), prefix=prefix
+            )
+        app.include_router(make_documents_router(documents, kb_service, prefix), prefix=prefix)
+        mcp_endpoints.append(mount_mcp(app, kb_service, settings, prefix=prefix, kb=kb))
+    # The root /v1 is the default knowledge base's, and takes `{kb}:{model}` for the others.
+    app.include_router(
+        openai_router(partial(models_for, chains, settings.model_list), settings.deepseek_model)
+    )
     return app
+
+
+def models_for(chains: dict[str, Runnable], models: list[str], request: Request) -> dict[str, ModelChoice]:
+    """The model ids of the root /v1 that the caller's key may name: the LLM's models for the
+    default knowledge base, and `{kb}:{model}` for each other knowledge base it may read."""
+    grant = grant_of(request)
+    choices: dict[str, ModelChoice] = {}
+    for kb, chain in chains.items():
+        if grant.may_read(kb):
+            for model in models:
+                choices[model if kb == DEFAULT_KB else f"{kb}:{model}"] = ModelChoice(chain, model, kb)
+    return choices
 
 
 def health_report(service: RagService) -> tuple[int, dict[str, Any]]:
@@ -119,38 +164,6 @@ def health_report(service: RagService) -> tuple[int, dict[str, Any]]:
     ok = report["milvus"]
     report["status"] = "ok" if ok and report["collection"] else ("empty" if ok else "down")
     return (200 if ok else 503), report
-
-
-class ApiKeyMiddleware:
-    """API-key auth on every route but /health and the first page's sign-in, before any
-    route runs: a bad key never reaches Milvus or DeepSeek, and the key is never logged.
-    The key comes as `Authorization: Bearer <key>`, or from a browser that signed in on `/`."""
-
-    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
-        self.app = app
-        self.keys = keys
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
-        connection = HTTPConnection(scope)
-        if valid_key(presented_key(connection), self.keys):
-            await self.app(scope, receive, send)
-            return
-        if scope["method"] == "GET" and "text/html" in connection.headers.get("accept", ""):
-            # A person in a browser (a playground, /docs): to the page that asks for the key.
-            await RedirectResponse("/", status_code=303)(scope, receive, send)
-            return
-        response = JSONResponse(
-            status_code=401,
-            content={
-                "detail": "missing or invalid API key: send Authorization: Bearer <key> "
-                "(in a browser, sign in on the first page, /)"
-            },
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-        await response(scope, receive, send)
 
 
 class EndFailedStreamsMiddleware:

@@ -15,7 +15,7 @@ from chains.rag import AnswerPolicy, build_chat_chain, build_rag_chain
 from chains.retrieval import MilvusRetriever, make_retriever, per_request_settings
 from errors import StoreError
 from loaders.markdown import Chunker, token_counter
-from settings import Settings
+from settings import DEFAULT_KB, Settings
 from store.embeddings import PymilvusEmbeddings, load_tokenizer, make_embeddings
 from store.milvus import RagStore, make_store
 
@@ -106,14 +106,37 @@ class RagService:
                 self._store = None
 
 
-def open_service(settings: Settings, llm: Any = "auto") -> RagService:
-    """A service for these settings; `llm="auto"` builds DeepSeek from settings."""
+def open_service(
+    settings: Settings, llm: Any = "auto", embeddings: PymilvusEmbeddings | None = None
+) -> RagService:
+    """A service for these settings; `llm="auto"` builds DeepSeek from settings.
+
+    `embeddings`: a model another service already holds (one model per process, however
+    many knowledge bases), else the one the settings name.
+    """
     if llm == "auto":
         from chains.llm import make_llm  # the OpenAI client costs ~2 s to import
 
         llm = make_llm(settings)
     return RagService(
         settings=settings,
-        embeddings=make_embeddings(settings),
+        embeddings=embeddings or make_embeddings(settings),
         llm=llm,
     )
+
+
+def open_knowledge_bases(
+    settings: Settings, llm: Any = "auto", default: RagService | None = None
+) -> dict[str, RagService]:
+    """A service per knowledge base (settings.knowledge_base_names), the default one first,
+    each on its own collection; they share the LLM client and the embedding model.
+
+    `default`: the service of the default knowledge base, when the caller has one.
+    """
+    default = default or open_service(settings, llm=llm)
+    services = {DEFAULT_KB: default}
+    for name in settings.knowledge_base_names[1:]:
+        services[name] = open_service(
+            settings.for_knowledge_base(name), llm=default.llm, embeddings=default.embeddings
+        )
+    return services

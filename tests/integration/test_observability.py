@@ -78,8 +78,9 @@ def test_metrics_request_ids_and_json_logs_of_one_worker(
 
         headers = {"Authorization": f"Bearer {KEY}"}
         before = scrape(base, headers)
-        assert before[("rag_store_chunks", frozenset())] >= 60  # the FAQ's chunks
-        assert before[("rag_http_requests_total", labels(method="GET", route="/metrics", status="401"))] == 1
+        assert before[("rag_store_chunks", labels(kb="default"))] >= 60  # the FAQ's chunks
+        refused_metrics = labels(method="GET", route="/metrics", status="401", kb="")
+        assert before[("rag_http_requests_total", refused_metrics)] == 1
 
         # An answer streamed through LangServe's client, with a request id of the caller's.
         chain: RemoteRunnable = RemoteRunnable(
@@ -116,11 +117,12 @@ def test_metrics_request_ids_and_json_logs_of_one_worker(
             return after.get((name, sample_labels), 0.0) - before.get((name, sample_labels), 0.0)
 
         requests = "rag_http_requests_total"
-        assert moved(requests, labels(method="POST", route="/rag/stream", status="200")) == 1
-        assert moved(requests, labels(method="POST", route="/v1/chat/completions", status="200")) == 1
-        assert moved(requests, labels(method="POST", route="/retriever/invoke", status="200")) == 1
+        ok = {"status": "200", "kb": "default"}
+        assert moved(requests, labels(method="POST", route="/rag/stream", **ok)) == 1
+        assert moved(requests, labels(method="POST", route="/v1/chat/completions", **ok)) == 1
+        assert moved(requests, labels(method="POST", route="/retriever/invoke", **ok)) == 1
         duration = "rag_http_request_duration_seconds_count"
-        assert moved(duration, labels(method="POST", route="/rag/stream")) == 1
+        assert moved(duration, labels(method="POST", route="/rag/stream", kb="default")) == 1
         assert moved("rag_retrieval_duration_seconds_count") == 3
         assert moved("rag_time_to_first_token_seconds_count") == 2
         assert 0 < moved("rag_time_to_first_token_seconds_sum") < 10

@@ -231,13 +231,13 @@ def test_workers_share_the_ingested_lite_store_and_their_metrics_and_stop_it(
         assert served_by == workers
 
         # Whichever worker answers the scrape, it reports both workers' requests.
-        labels = {("method", "POST"), ("route", "/retriever/invoke"), ("status", "200")}
+        labels = {("method", "POST"), ("route", "/retriever/invoke"), ("status", "200"), ("kb", "default")}
         retrievals = ("rag_http_requests_total", frozenset(labels))
         for _ in range(4):
             metrics = scrape(base)
             assert metrics[retrievals] == len(sent)
             assert metrics[("rag_retrieval_duration_seconds_count", frozenset())] == len(sent)
-            assert metrics[("rag_store_chunks", frozenset())] == 2
+            assert metrics[("rag_store_chunks", frozenset({("kb", "default")}))] == 2
 
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0, "\n".join(output.lines)

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 LAYERS = {
     "settings": 0,
     "errors": 0,
+    "api_keys": 0,
     "loaders": 1,
     "store": 2,
     "chains": 3,
@@ -28,6 +29,7 @@ LAYERS = {
     "mcp_server": 4,
     "documents_api": 4,
     "limits": 4,
+    "access": 4,
 }
 
 
@@ -93,6 +95,10 @@ def test_importing_every_module_reads_no_settings_and_touches_no_environment() -
         "cli",
         "workers",
         "mcp_server",
+        "api_keys",
+        "access",
+        "documents_api",
+        "limits",
     ]
     script = (
         "import os, sys\n"

@@ -15,10 +15,11 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from access import AccessMiddleware
+from api_keys import load_keys
 from chains.rag import AnswerPolicy, build_rag_chain
 from errors import LLMError, LLMTimeoutError
 from observability import REQUEST_ID, ChainMetricsHandler, Metrics, Observability, log_config
-from server import ApiKeyMiddleware
 from settings import Settings
 from tests.unit.fakes import FAQ_DOCS, FixedRetriever, RecordingChat
 from tests.unit.test_answer_stream import FAST, QUESTION, USAGE, status_error
@@ -137,10 +138,13 @@ class FakeStore:
 def small_app(api_keys: list[str] | None = None) -> tuple[FastAPI, Observability]:
     """An app with a route that takes a path parameter, one that fails, and /metrics."""
     settings = Settings(_env_file=None)
-    observability = Observability.create(settings, SimpleNamespace(get_store=FakeStore))  # type: ignore[arg-type]
+    store = SimpleNamespace(get_store=FakeStore)
+    observability = Observability.create(settings, {"default": store})  # type: ignore[dict-item]
     app = FastAPI()
     if api_keys:
-        app.add_middleware(ApiKeyMiddleware, keys=api_keys)
+        app.add_middleware(
+            AccessMiddleware, keys=load_keys(api_keys, "", ["default"]), knowledge_bases=["default"]
+        )
     observability.install(app)
 
     @app.get("/items/{name}")
@@ -195,7 +199,7 @@ async def test_an_unexpected_error_is_a_json_500_with_the_request_id() -> None:
         found[
             (
                 "rag_http_requests_total",
-                frozenset({("method", "GET"), ("route", "/broken"), ("status", "500")}),
+                frozenset({("method", "GET"), ("route", "/broken"), ("status", "500"), ("kb", "")}),
             )
         ]
         == 1
@@ -216,20 +220,20 @@ async def test_metrics_label_route_templates_and_follow_the_api_keys() -> None:
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     found = samples(metrics.text)
 
-    def requests(route: str, status: str) -> float:
-        labels = frozenset({("method", "GET"), ("route", route), ("status", status)})
+    def requests(route: str, status: str, kb: str = "default") -> float:
+        labels = frozenset({("method", "GET"), ("route", route), ("status", status), ("kb", kb)})
         return found.get(("rag_http_requests_total", labels), 0.0)
 
     assert requests("/items/{name}", "200") == 3  # the template, never the raw path
-    assert requests("/items/{name}", "401") == 1
-    assert requests("/metrics", "401") == 1
+    assert requests("/items/{name}", "401", kb="") == 1  # refused before its knowledge base was known
+    assert requests("/metrics", "401", kb="") == 1
     assert requests("unmatched", "404") == 1
     duration = (
         "rag_http_request_duration_seconds_count",
-        frozenset({("method", "GET"), ("route", "/items/{name}")}),
+        frozenset({("method", "GET"), ("route", "/items/{name}"), ("kb", "default")}),
     )
-    assert found[duration] == 4
-    assert found[("rag_store_chunks", frozenset())] == 42
+    assert found[duration] == 3
+    assert found[("rag_store_chunks", frozenset({("kb", "default")}))] == 42
     assert not any("/items/a" in labels for (_, label_set) in found for labels in dict(label_set).values())
 
 
