@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Every version the tests passed on; installs take them as constraints.
 LOCK := requirements.lock
+# The browser tests (tests/browser) drive Debian's Chromium through Playwright, whose own
+# browser download needs the internet.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install upgrade serve test lint bench clean
 
@@ -33,8 +37,13 @@ serve: $(STAMP)
 	-$(BIN)/rag ingest
 	$(BIN)/rag serve
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -q
+
+# Installed only where it is missing (CI: a clean Debian machine, as root).
+$(CHROMIUM):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -44,6 +53,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/retrieval.py
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/formats.py
 	$(BIN)/python bench/serve.py
 
 clean:

@@ -1,4 +1,4 @@
-"""The `rag` command: ingest, search, ask, serve, stats. It parses, calls and prints."""
+"""The `rag` command: ingest, search, ask, serve, mcp, eval, stats. It parses, calls and prints."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from errors import InputError, RagError, SourceError
-from settings import Settings, get_settings
+from settings import DEFAULT_KB, Settings, get_settings, import_pymilvus_safely
 
 PROJECT_DOCS = Path(__file__).resolve().parent / "docs"
 EXIT_ERROR = 1
@@ -37,6 +37,7 @@ def _question(text: str | None, settings: Settings) -> str:
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     """Ingest paths (default: the project's docs/)."""
+    from loaders.formats import Limits
     from loaders.sources import is_url
     from store.indexing import ingest
 
@@ -51,9 +52,13 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
             service.get_store(),
             service.chunker(),
             prune=args.prune,
-            max_bytes=int(args.max_mb * 1024 * 1024),
             batch_size=settings.embedding_batch_size,
             progress=not args.json and not args.quiet,
+            limits=Limits(
+                max_bytes=int(args.max_mb * 1024 * 1024),
+                max_pages=args.max_pages,
+                seconds=args.file_timeout,
+            ),
         )
     finally:
         service.close()
@@ -63,6 +68,9 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
         for skipped in report.skipped:
             print(f"skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
         print(report.summary(), file=out)
+    why = report.why_nothing()
+    if why:
+        print(f"rag: error: {why}", file=sys.stderr)
     return EXIT_ERROR if report.failed else 0
 
 
@@ -77,6 +85,8 @@ def _queries(args: argparse.Namespace) -> Iterator[str]:
 
 def cmd_search(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     """Retrieval only, for one query or one per line of standard input."""
+    from loaders.markdown import citation
+
     service = _service(settings, llm=None)
     try:
         for query in _queries(args):
@@ -89,6 +99,8 @@ def cmd_search(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
                     "text": d.page_content,
                     "source": d.metadata["source"],
                     "headers": d.metadata["headers"],
+                    "page": d.metadata.get("page"),
+                    "last_page": d.metadata.get("last_page"),
                     "score": round(d.metadata["score"], 4),
                 }
                 for d in documents
@@ -100,8 +112,8 @@ def cmd_search(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
             if not results:
                 print("  (no results: is anything ingested? try `rag ingest`)", file=out)
             for n, r in enumerate(results, start=1):
-                section = " > ".join(r["headers"])
-                print(f"[{n}] {r['score']:.3f}  {r['source']}  {section}", file=out)
+                where = citation(r["source"], r["headers"], r["page"], r["last_page"])
+                print(f"[{n}] {r['score']:.3f}  {where}", file=out)
                 snippet = " ".join(r["text"].split())[:200]
                 print(f"    {snippet}", file=out)
             out.flush()
@@ -167,7 +179,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
         import workers
 
         print(
-            f"serving on http://{host}:{port} with {args.workers} workers (playground: /rag/playground/)",
+            f"serving on http://{host}:{port} with {args.workers} workers (open it in a browser)",
             file=out,
             flush=True,
         )
@@ -176,10 +188,19 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
 
     import uvicorn
 
+    from observability import log_config
     from server import create_app
 
-    print(f"serving on http://{host}:{port} (playground: /rag/playground/)", file=out, flush=True)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    print(f"serving on http://{host}:{port} (open it in a browser)", file=out, flush=True)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", log_config=log_config(settings))
+    return 0
+
+
+def cmd_mcp(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    """Serve the MCP tools over standard input and output, for desktop MCP hosts."""
+    from mcp_server import serve_stdio
+
+    serve_stdio(_service(settings))  # it closes the service when the host hangs up
     return 0
 
 
@@ -191,16 +212,20 @@ def cmd_stats(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     service = _service(settings, llm=None)
     try:
         store = service.get_store()
-        stats = collection_stats(store)
+        stats = {"knowledge_base": args.kb, **collection_stats(store)}
         stats.update(describe_active(store.client, settings.collection, store.collection))
     finally:
         service.close()
+    if len(settings.knowledge_base_names) > 1:
+        stats["knowledge_bases"] = settings.knowledge_base_names
     if args.json:
         print(json.dumps(stats), file=out)
         return 0
     tune = stats.pop("tune", None)
     for key, value in stats.items():
-        shown = len(value) if isinstance(value, list) else value
+        shown = value if not isinstance(value, list) else len(value)
+        if key == "knowledge_bases":
+            shown = ", ".join(value)
         print(f"{key:18} {shown}", file=out)
     for name, before in (tune or {}).get("before", {}).items():
         after = tune["after"].get(name, {})
@@ -289,6 +314,15 @@ def cmd_tune(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     return 0
 
 
+def _kb_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kb",
+        default=DEFAULT_KB,
+        metavar="NAME",
+        help=f"the knowledge base (one of RAG_KNOWLEDGE_BASES; default: {DEFAULT_KB}, RAG_COLLECTION)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for `rag`."""
     parser = argparse.ArgumentParser(
@@ -302,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--max-mb", type=float, default=20.0, help="skip files larger than this")
+    p.add_argument("--max-pages", type=int, default=2000, help="skip PDFs with more pages than this")
+    p.add_argument("--file-timeout", type=float, default=120.0, help="seconds to read one PDF or DOCX file")
+    _kb_option(p)
     p.set_defaults(handler=cmd_ingest)
 
     p = sub.add_parser("search", help="retrieve passages (no LLM)")
@@ -311,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default=None, help="only sources matching this glob, e.g. 'faq/*'")
     p.add_argument("--filter", default=None, help="a Milvus filter expression")
     p.add_argument("--json", action="store_true", help="one JSON line per query")
+    _kb_option(p)
     p.set_defaults(handler=cmd_search)
 
     p = sub.add_parser("ask", help="answer a question with citations")
@@ -324,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="DeepSeek model id (one of DEEPSEEK_MODELS)")
     p.add_argument("--thinking", action="store_true", help="let the model reason first (to stderr)")
     p.add_argument("--usage", action="store_true", help="print token usage to stderr")
+    _kb_option(p)
     p.set_defaults(handler=cmd_ask)
 
     p = sub.add_parser("serve", help="run the LangServe HTTP server")
@@ -341,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_serve)
 
+    p = sub.add_parser("mcp", help="serve the MCP tools over stdio, for desktop MCP hosts")
+    _kb_option(p)
+    p.set_defaults(handler=cmd_mcp)
+
     p = sub.add_parser("eval", help="retrieval metrics on a JSONL file of questions")
     p.add_argument("file", help="JSONL rows: question, source (file name), heading")
     p.add_argument("--mode", choices=["hybrid", "dense", "sparse", "all"], default=None)
@@ -352,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also evaluate the tutorial's naive pipeline built from these paths",
     )
     p.add_argument("--json", action="store_true")
+    _kb_option(p)
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser(
@@ -370,15 +414,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pairs", type=int, default=None, help="train on at most this many pairs")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _kb_option(p)
     p.set_defaults(handler=cmd_tune)
 
     p = sub.add_parser("stats", help="what the collection holds")
     p.add_argument("--json", action="store_true")
+    _kb_option(p)
     p.set_defaults(handler=cmd_stats)
     return parser
 
 
 def _quiet_libraries() -> None:
+    # Imported first: pymilvus sets its logger's level when it is imported.
+    import_pymilvus_safely()
     for name in ("pymilvus", "milvus_lite", "grpc", "httpx", "sentence_transformers", "transformers"):
         # pymilvus logs a traceback for every failed RPC; we print one line instead.
         logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -396,6 +444,8 @@ def main(
     _quiet_libraries()
     try:
         settings = settings_factory()
+        if getattr(args, "kb", DEFAULT_KB) != DEFAULT_KB:
+            settings = settings.for_knowledge_base(args.kb)
         return int(args.handler(args, settings, out))
     except RagError as exc:
         print(f"rag: error: {exc}", file=sys.stderr)
@@ -408,10 +458,8 @@ def main(
 
         if isinstance(exc, ValidationError):
             fields = ", ".join(str(e["loc"][0]) for e in exc.errors() if e.get("loc"))
-            print(
-                f"rag: error: invalid configuration ({fields}): {exc.errors()[0]['msg']}",
-                file=sys.stderr,
-            )
+            where = f" ({fields})" if fields else ""
+            print(f"rag: error: invalid configuration{where}: {exc.errors()[0]['msg']}", file=sys.stderr)
             return EXIT_USAGE
         print(f"rag: error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
         return EXIT_ERROR

@@ -1,7 +1,5 @@
 """Errors that users can cause. Each message says what to do next."""
 
-from contextvars import ContextVar
-
 
 class RagError(Exception):
     """Base class: the CLI prints it as one line, the server as a JSON reason."""
@@ -43,15 +41,3 @@ class LLMTimeoutError(LLMError):
     """DeepSeek stalled or went past the answer's deadline."""
 
     status_code = 504
-
-
-# Where a streaming request collects the errors its chain raised, so that the server can
-# report the reason instead of LangServe's generic one (server.StreamErrorMiddleware).
-STREAM_ERRORS: ContextVar[list[RagError] | None] = ContextVar("stream_errors", default=None)
-
-
-def record_stream_error(error: RagError) -> None:
-    """Note an error for the streaming request this code runs in, if any."""
-    sink = STREAM_ERRORS.get()
-    if sink is not None:
-        sink.append(error)

@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import anyio
@@ -88,8 +89,11 @@ class ThinkingOption(BaseModel):
 class ChatCompletionRequest(BaseModel):
     """OpenAI's chat completion request, plus this service's retrieval fields.
 
-    Fields that OpenAI defines but RAG has no use for (`n`, `max_tokens`, `user`, `tools`, ...)
-    are accepted and ignored, so that any client works unchanged.
+    Fields that would change what the answer is (`n` above 1, `tools`, a JSON
+    `response_format`, `logprobs`, audio) are refused with a 400 that says so (see
+    `unsupported`): answering once, in prose, would look like success. Hints that don't
+    (`max_tokens`, `stop`, `top_p`, `seed`, `user`, ...) are accepted and ignored, so that
+    any client works unchanged.
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -113,6 +117,39 @@ class ChatCompletionRequest(BaseModel):
         default=None, description='DeepSeek thinking: true/false or {"type": "enabled"|"disabled"}.'
     )
 
+    # OpenAI fields that are read only to refuse them (see `unsupported`).
+    n: int | None = Field(default=None, ge=1, description="Only 1: one answer per request.")
+    tools: list[Any] | None = Field(default=None, description="Not supported: answers come from documents.")
+    functions: list[Any] | None = Field(default=None, description="Not supported (tools' old form).")
+    tool_choice: Any = Field(default=None, description='Only "none" or "auto".')
+    response_format: dict[str, Any] | None = Field(default=None, description='Only {"type": "text"}.')
+    logprobs: bool | None = Field(default=None, description="Not supported.")
+    top_logprobs: int | None = Field(default=None, description="Not supported.")
+    modalities: list[str] | None = Field(default=None, description='Only ["text"].')
+    audio: dict[str, Any] | None = Field(default=None, description="Not supported.")
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, reason) for the first field set to something this service can't honour."""
+        reason = None
+        if self.n is not None and self.n > 1:
+            field, reason = (
+                "n",
+                f"n={self.n} is not supported: one answer per request; send n=1 or leave n out",
+            )
+        elif self.tools or self.functions:
+            field = "tools" if self.tools else "functions"
+            reason = f"{field} are not supported: the answer comes from the documents, with no tool calls"
+        elif self.tool_choice not in (None, "none", "auto"):
+            field, reason = "tool_choice", "tool_choice is not supported: send 'none' or leave it out"
+        elif (kind := (self.response_format or {}).get("type", "text")) != "text":
+            field, reason = "response_format", f"response_format {kind!r} is not supported: answers are text"
+        elif self.logprobs or self.top_logprobs:
+            field = "logprobs" if self.logprobs else "top_logprobs"
+            reason = f"{field} is not supported"
+        elif self.audio is not None or any(m != "text" for m in self.modalities or []):
+            field, reason = "modalities", "modalities other than text are not supported: answers are text"
+        return None if reason is None else (field, reason)
+
     def thinking_enabled(self) -> bool | None:
         """The thinking switch as a bool, or None when the request did not say."""
         if isinstance(self.thinking, ThinkingOption):
@@ -131,6 +168,8 @@ class SourcePassage(BaseModel):
     n: int
     source: str
     headers: list[str]
+    page: int | None = _optional("The first page of a PDF passage.")
+    last_page: int | None = _optional("The last page of a PDF passage, when it spans pages.")
     text: str
     score: float
 
@@ -469,7 +508,7 @@ class _EventStream(StreamingResponse):
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
-        (400, "No user message with text"),
+        (400, "No user message with text, or a field this service can't honour (n > 1, tools, ...)"),
         (404, "Unknown model"),
         (422, "Invalid field, question too long or k above RAG_MAX_K"),
         (502, "The LLM failed"),
@@ -477,6 +516,20 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (504, "The LLM timed out"),
     )
 }
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What a `model` id names: the chain that answers, the LLM model it asks, and the
+    knowledge base it reads (for the metrics)."""
+
+    chain: Runnable
+    model: str
+    kb: str | None = None
+
+
+# The model ids a request may name, and what each names (per request: per API key).
+ModelsFor = Callable[[Request], dict[str, ModelChoice]]
 
 
 def make_openai_router(chain: Runnable, models: list[str], default_model: str) -> APIRouter:
@@ -487,14 +540,20 @@ def make_openai_router(chain: Runnable, models: list[str], default_model: str) -
     stream of `sources`, `reasoning`, `answer`, `usage` and `error` chunks. `models` are the
     ids a request may name; `default_model` answers requests that name none.
     """
-    known_models = list(dict.fromkeys([*models, default_model]))
+    choices = {m: ModelChoice(chain, m) for m in dict.fromkeys([*models, default_model])}
+    return openai_router(lambda _: choices, default_model)
+
+
+def openai_router(models_for: ModelsFor, default_model: str) -> APIRouter:
+    """The OpenAI-compatible routes over the models that `models_for` gives each request
+    (a server with several knowledge bases lists `{kb}:{model}` ids, each key its own)."""
     listed_at = int(time.time())
     router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], route_class=_OpenAIErrorRoute)
 
     @router.get("/models", response_model=ModelList)
-    async def list_models() -> ModelList:
+    async def list_models(request: Request) -> ModelList:
         """The models that `model` may name."""
-        return ModelList(data=[ModelCard(id=m, created=listed_at) for m in known_models])
+        return ModelList(data=[ModelCard(id=m, created=listed_at) for m in models_for(request)])
 
     @router.post(
         "/chat/completions",
@@ -508,16 +567,24 @@ def make_openai_router(chain: Runnable, models: list[str], default_model: str) -
             },
         },
     )
-    async def chat_completions(request: ChatCompletionRequest) -> Response:
+    async def chat_completions(request: ChatCompletionRequest, http: Request) -> Response:
         """Answer the last user message from the documents, OpenAI-style, with `sources`."""
         model = request.model or default_model
-        if model not in known_models:
+        choices = models_for(http)
+        choice = choices.get(model)
+        if choice is None:
             return error_response(
                 404,
-                f"The model `{model}` does not exist; available: {', '.join(known_models)}",
+                f"The model `{model[:200]}` does not exist; available: {', '.join(choices) or 'none'}",
                 param="model",
                 code="model_not_found",
             )
+        if choice.kb is not None:
+            http.state.kb = choice.kb  # the metrics' label: the knowledge base that answers
+        chain = choice.chain
+        if refused := request.unsupported():
+            field, reason = refused
+            return error_response(400, reason, param=field, code="unsupported_parameter")
         chain_input = to_chain_input(request.messages)
         if chain_input is None:
             return error_response(
@@ -526,7 +593,7 @@ def make_openai_router(chain: Runnable, models: list[str], default_model: str) -
                 param="messages",
                 code="missing_user_message",
             )
-        config = to_chain_config(request, model)
+        config = to_chain_config(request, choice.model)
 
         if not request.stream:
             try:

@@ -1,25 +1,31 @@
-"""The LangServe app: the chain at /rag, the chat at /chat, the retriever at /retriever, /health."""
+"""The LangServe app: the chain at /rag, the chat at /chat, the retriever at /retriever, the MCP
+tools at /mcp, the OpenAI-compatible API at /v1, the documents at /documents, /health; and the
+same routes of each other knowledge base under /kb/{name}/ (access.py says who may use which)."""
 
 from __future__ import annotations
 
 import gc
-import hmac
-import json
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import openai
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse
+from langchain_core.runnables import Runnable
 from langserve import add_routes
-from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from errors import STREAM_ERRORS, LLMError, RagError
-from openai_api import make_openai_router
-from settings import Settings, get_settings
+from access import AccessMiddleware, add_api_docs, grant_of
+from documents_api import DocumentsAPI, make_documents_router
+from errors import LLMError, RagError
+from limits import install_limits
+from observability import Observability, log_config
+from openai_api import ModelChoice, make_openai_router, openai_router
+from pages import kb_prefix, make_pages_router
+from settings import DEFAULT_KB, Settings, get_settings, import_pymilvus_safely
 
 if TYPE_CHECKING:
     from service import RagService
@@ -28,20 +34,30 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, service: RagService | None = None) -> FastAPI:
-    """The FastAPI app. The store and the embedding model open once, at start-up."""
+    """The FastAPI app. The store and the embedding model open once, at start-up.
+
+    `service`: the default knowledge base's, when the caller has one (tests); the other
+    knowledge bases (RAG_KNOWLEDGE_BASES) share its LLM client and embedding model.
+    """
     if settings is None:
         settings = service.settings if service else get_settings()
     # Imported here, after the settings: importing pymilvus reads MILVUS_URI (see settings.py).
     from chains.llm import describe_llm_error
-    from service import open_service
+    from mcp_server import mount_mcp
+    from service import open_knowledge_bases
 
-    service = service or open_service(settings)
-    _run_langserve_callbacks_inline()
+    keys = settings.key_ring()
+    services = open_knowledge_bases(settings, default=service)
+    service = services[DEFAULT_KB]
+    observability = Observability.create(settings, services)
+    documents = DocumentsAPI(services.values(), settings)
+    mcp_endpoints: list[Callable[[], AbstractAsyncContextManager[None]]] = []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            service.get_store()
+            for kb_service in services.values():
+                kb_service.get_store()
             # Load the weights now, not on the first request.
             service.embeddings.embed_query("warm up")
         except RagError as exc:
@@ -51,23 +67,37 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
         # every ~200 answers stalled one for 255 ms (measured here with gc.callbacks).
         gc.collect()
         gc.freeze()
-        yield
+        log.info("ready")
+        async with AsyncExitStack() as running:
+            await running.enter_async_context(documents.running())
+            for mcp_running in mcp_endpoints:  # the MCP session managers at /mcp, /kb/{name}/mcp
+                await running.enter_async_context(mcp_running())
+            yield
         gc.unfreeze()  # an app that stops in a process that goes on (tests) leaves nothing frozen
-        service.close()
+        for kb_service in services.values():
+            kb_service.close()
+        observability.process_exit()
 
     app = FastAPI(
         title="milvus-deepseek-rag",
         version="0.1.0",
         description="Answers from your documents, with citations. Milvus + DeepSeek + LangServe.",
         lifespan=lifespan,
+        # Served by access.add_api_docs: each key sees the routes of its knowledge bases.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = service
+    app.state.services = services  # by knowledge base
 
     # Pure ASGI middleware (not @app.middleware): it must not buffer streams or hide a
     # client's disconnect from the stream that should cancel the DeepSeek request.
-    app.add_middleware(StreamErrorMiddleware)
-    if settings.api_key_list:
-        app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list)
+    app.add_middleware(EndFailedStreamsMiddleware)
+    install_limits(app, settings)  # inside the key check: only valid keys reach the limits
+    app.add_middleware(AccessMiddleware, keys=keys, knowledge_bases=list(services))
+    # Request ids, HTTP metrics, /metrics (behind the API keys like every route but /health).
+    observability.install(app)
 
     @app.exception_handler(RagError)
     async def rag_error(_: Request, exc: RagError) -> JSONResponse:
@@ -78,119 +108,112 @@ def create_app(settings: Settings | None = None, service: RagService | None = No
         error = describe_llm_error(exc, settings.deepseek_base_url) or LLMError(str(exc))
         return JSONResponse(status_code=error.status_code, content={"detail": str(error)})
 
-    @app.exception_handler(Exception)
-    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return JSONResponse(status_code=500, content={"detail": f"internal error: {type(exc).__name__}"})
-
     @app.get("/health")
     async def health() -> JSONResponse:
-        report = service.health()
-        ok = report["milvus"]
-        report["status"] = "ok" if ok and report["collection"] else ("empty" if ok else "down")
-        return JSONResponse(status_code=200 if ok else 503, content=report)
+        status_code, report = health_report(service)
+        if keys.required:  # open to anyone then: the status alone, no paths or names
+            report = {"status": report["status"]}
+        return JSONResponse(status_code=status_code, content=report)
 
-    @app.get("/", include_in_schema=False)
-    async def index() -> RedirectResponse:
-        return RedirectResponse("/rag/playground/")
+    @app.get("/health/details")
+    async def health_details() -> JSONResponse:
+        status_code, report = health_report(service)
+        return JSONResponse(status_code=status_code, content=report)
 
-    add_routes(app, service.chain, path="/rag")
-    add_routes(app, service.chat_chain, path="/chat", playground_type="chat")
-    add_routes(app, service.configurable_retriever, path="/retriever")
-    app.include_router(make_openai_router(service.chain, settings.model_list, settings.deepseek_model))
+    app.include_router(make_pages_router(services, keys))
+    add_api_docs(app, services)
+
+    chains = {}
+    for kb, kb_service in services.items():
+        prefix = kb_prefix(kb)
+        # Each served runnable reports to the metrics through a LangChain callback handler.
+        chains[kb] = chain = observability.watch(kb_service.chain)
+        add_routes(app, chain, path=f"{prefix}/rag")
+        add_routes(
+            app, observability.watch(kb_service.chat_chain), path=f"{prefix}/chat", playground_type="chat"
+        )
+        add_routes(app, observability.watch(kb_service.configurable_retriever), path=f"{prefix}/retriever")
+        if prefix:
+            app.include_router(
+                make_openai_router(chain, settings.model_list, settings.deepseek_model), prefix=prefix
+            )
+        app.include_router(make_documents_router(documents, kb_service, prefix), prefix=prefix)
+        mcp_endpoints.append(mount_mcp(app, kb_service, settings, prefix=prefix, kb=kb))
+    # The root /v1 is the default knowledge base's, and takes `{kb}:{model}` for the others.
+    app.include_router(
+        openai_router(partial(models_for, chains, settings.model_list), settings.deepseek_model)
+    )
     return app
 
 
-class ApiKeyMiddleware:
-    """Bearer-token auth on every route but /health, before any route runs: a bad key
-    never reaches Milvus or DeepSeek, and the key is never logged."""
-
-    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
-        self.app = app
-        self.keys = [key.encode() for key in keys]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health":
-            await self.app(scope, receive, send)
-            return
-        header = Headers(scope=scope).get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        given = token.strip().encode()
-        if scheme.lower() == "bearer" and any(hmac.compare_digest(given, k) for k in self.keys):
-            await self.app(scope, receive, send)
-            return
-        response = JSONResponse(
-            status_code=401,
-            content={"detail": "missing or invalid API key: send Authorization: Bearer <key>"},
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-        await response(scope, receive, send)
+def models_for(chains: dict[str, Runnable], models: list[str], request: Request) -> dict[str, ModelChoice]:
+    """The model ids of the root /v1 that the caller's key may name: the LLM's models for the
+    default knowledge base, and `{kb}:{model}` for each other knowledge base it may read."""
+    grant = grant_of(request)
+    choices: dict[str, ModelChoice] = {}
+    for kb, chain in chains.items():
+        if grant.may_read(kb):
+            for model in models:
+                choices[model if kb == DEFAULT_KB else f"{kb}:{model}"] = ModelChoice(chain, model, kb)
+    return choices
 
 
-# What LangServe sends on any failure mid-stream, whatever the cause.
-GENERIC_STREAM_ERROR = b'{"status_code": 500, "message": "Internal Server Error"}'
+def health_report(service: RagService) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and the report of /health/details: 503 while Milvus is unreachable."""
+    report = service.health()
+    ok = report["milvus"]
+    report["status"] = "ok" if ok and report["collection"] else ("empty" if ok else "down")
+    return (200 if ok else 503), report
 
 
-def _run_langserve_callbacks_inline() -> None:
-    """Let LangChain call LangServe's event aggregator in line rather than in tasks.
+class EndFailedStreamsMiddleware:
+    """End a response whose app failed after its first bytes, as a complete response.
 
-    LangServe attaches an AsyncEventAggregatorCallback to every call (a new one each time,
-    inside its handlers, hence the class attribute). Its handlers only append to a list,
-    but LangChain runs a handler that is not marked `run_inline` through asyncio.gather:
-    a task, and a turn of the event loop, for every event, every answer token included
-    (-0.6 ms an answer at 1 client, measured with bench/ab_serve.py). In line, each is a
-    function call, and the events are recorded in the same order.
-    """
-    from langserve.callbacks import AsyncEventAggregatorCallback
-
-    AsyncEventAggregatorCallback.run_inline = True
-
-
-class StreamErrorMiddleware:
-    """Put the real reason into LangServe's stream `error` event.
-
-    LangServe hides every mid-stream exception behind a generic 500 so as not to leak
-    secrets; our RagErrors are written for users (a stalled or empty DeepSeek answer, a
-    deadline), so the chain records them (chains.rag.STREAM_ERRORS) and they replace it.
+    When the chain fails mid-stream, its last data chunk says why ({"error": {...}}), LangServe
+    sends its generic `error` event and then re-raises. Passed on, the exception would be
+    logged with a traceback twice (Starlette, uvicorn) and uvicorn would drop the connection,
+    so that clients read a truncated body. Here it is logged once, a RagError (a stalled or
+    failed DeepSeek answer, a deadline) in one line, and the body ends as HTTP says it should.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].endswith(
-            ("/stream", "/stream_events", "/stream_log")
-        ):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        errors: list[RagError] = []
-        started = False
+        started = ended = False
 
-        async def send_with_reason(message: Message) -> None:
-            nonlocal started
-            started = True
-            body = message.get("body", b"")
-            if errors and message["type"] == "http.response.body" and GENERIC_STREAM_ERROR in body:
-                error = errors[-1]
-                reason = json.dumps({"status_code": error.status_code, "message": str(error)})
-                message = {**message, "body": body.replace(GENERIC_STREAM_ERROR, reason.encode())}
+        async def tracking_send(message: Message) -> None:
+            nonlocal started, ended
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                ended = True
             await send(message)
 
-        token = STREAM_ERRORS.set(errors)
         try:
-            await self.app(scope, receive, send_with_reason)
+            await self.app(scope, receive, tracking_send)
         except Exception as exc:
             if not started:
-                raise
-            # LangServe re-raises after its error event; the client has the reason by now,
-            # so end the stream cleanly instead of aborting the connection.
-            if errors:
-                log.warning("stream ended with an error: %s", errors[-1])
+                raise  # the exception handlers answer it with a status and a JSON reason
+            reason = _rag_error_behind(exc)
+            if reason is not None:
+                log.warning("%s %s ended with an error: %s", scope["method"], scope["path"], reason)
             else:
-                log.exception("stream failed", exc_info=exc)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            STREAM_ERRORS.reset(token)
+                log.error("%s %s failed mid-response", scope["method"], scope["path"], exc_info=exc)
+            if not ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _rag_error_behind(exc: BaseException) -> RagError | None:
+    """The RagError that `exc` is or was raised from. Starlette re-raises an exception that
+    has a handler (RagError has) as a RuntimeError from it once the response has started."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, RagError):
+        cause = cause.__cause__
+    return cause
 
 
 def __getattr__(name: str) -> Any:
@@ -205,7 +228,8 @@ def main() -> None:
     import uvicorn
 
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    import_pymilvus_safely()  # before the log configuration: pymilvus sets up its logger on import
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=log_config(settings))
 
 
 if __name__ == "__main__":

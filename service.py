@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from langchain_core.runnables import Runnable
+from langchain_core.tools import BaseTool
 
 from chains.rag import AnswerPolicy, build_chat_chain, build_rag_chain
 from chains.retrieval import MilvusRetriever, make_retriever, per_request_settings
 from errors import StoreError
 from loaders.markdown import Chunker, token_counter
-from settings import Settings
+from settings import DEFAULT_KB, Settings
 from store.active import CollectionRecord, active_collection, read_record, resolve
 from store.embeddings import PymilvusEmbeddings, load_tokenizer, make_embeddings
 from store.milvus import RagStore, make_store
@@ -82,6 +83,11 @@ class RagService:
                 self._follow_switch(self._store)
             return self._store
 
+    @property
+    def base_embeddings(self) -> PymilvusEmbeddings:
+        """The model RAG_EMBEDDING names, whichever one the serving collection was built with."""
+        return self._base_embeddings or self.embeddings
+
     def _open(self, name: str, record: CollectionRecord | None) -> RagStore:
         embeddings = self.embeddings_for(record)
         store = make_store(self.settings.model_copy(update={"collection": name}), embeddings)
@@ -93,7 +99,7 @@ class RagService:
     def embeddings_for(self, record: CollectionRecord | None) -> PymilvusEmbeddings:
         """The model a collection was built with: RAG_EMBEDDING's, or the tuned one it names."""
         if record is None or not record.tuned or record.embedding_model is None:
-            return self._base_embeddings or self.embeddings
+            return self.base_embeddings
         if record.embedding_model == self.embeddings.name:
             return self.embeddings
         from store.tuning import missing_model_error, tuned_model_dir
@@ -119,6 +125,12 @@ class RagService:
         log.info("%s is now served by %s (%s)", self.settings.collection, name, store.embeddings.name)
         self._retired.append(current)
         self._store = store
+
+    def tools(self) -> list[BaseTool]:
+        """search_docs and ask_docs over this service, for an agent in this process."""
+        from chains.tools import rag_tools
+
+        return rag_tools(self.configurable_retriever, self.chain)
 
     def chunker(self) -> Chunker:
         """The chunker matched to the embedding model's tokenizer."""
@@ -161,15 +173,21 @@ class RagService:
                 self._store = None
 
 
-def open_service(settings: Settings, llm: Any = "auto") -> RagService:
-    """A service for these settings; `llm="auto"` builds DeepSeek from settings."""
+def open_service(
+    settings: Settings, llm: Any = "auto", embeddings: PymilvusEmbeddings | None = None
+) -> RagService:
+    """A service for these settings; `llm="auto"` builds DeepSeek from settings.
+
+    `embeddings`: a model another service already holds (one model per process, however
+    many knowledge bases), else the one the settings name.
+    """
     if llm == "auto":
         from chains.llm import make_llm  # the OpenAI client costs ~2 s to import
 
         llm = make_llm(settings)
     return RagService(
         settings=settings,
-        embeddings=make_embeddings(settings),
+        embeddings=embeddings or make_embeddings(settings),
         llm=llm,
     )
 
@@ -427,3 +445,20 @@ def rollback_collection(settings: Settings) -> tuple[str, str]:
         return store.collection, previous
     finally:
         service.close()
+
+
+def open_knowledge_bases(
+    settings: Settings, llm: Any = "auto", default: RagService | None = None
+) -> dict[str, RagService]:
+    """A service per knowledge base (settings.knowledge_base_names), the default one first,
+    each on its own collection; they share the LLM client and the embedding model.
+
+    `default`: the service of the default knowledge base, when the caller has one.
+    """
+    default = default or open_service(settings, llm=llm)
+    services = {DEFAULT_KB: default}
+    for name in settings.knowledge_base_names[1:]:
+        services[name] = open_service(
+            settings.for_knowledge_base(name), llm=default.llm, embeddings=default.base_embeddings
+        )
+    return services

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
+import logging.config
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -28,15 +30,19 @@ from typing import Any, TextIO
 from pydantic import SecretStr
 
 from errors import StoreError
-from settings import Settings
+from settings import Settings, import_pymilvus_safely
 
 LOOPBACK = "127.0.0.1"
 # Opening a data directory replays its WAL; a large store can take a while.
 START_TIMEOUT = 120.0
+# How often a starting `milvus-lite server` is asked whether it answers yet.
+READY_POLL = 0.2
 # `milvus-lite server` drains requests for up to 5 s on SIGINT, then closes the store.
 STOP_GRACE = 10.0
-READY_MARK = "listening on"  # the line `milvus-lite server` prints once it accepts calls
 BIND_ATTEMPTS = 3
+# The exception milvus-lite raises (milvus_lite.exceptions) when another process holds the
+# data directory; its name ends the child's traceback.
+LOCKED = "DataDirLockedError"
 APP = "workers:create_app"  # server.create_app, see create_app below
 
 
@@ -84,6 +90,32 @@ def _store_child_setup() -> None:  # pragma: no cover - runs in the child, betwe
     die_with_parent()  # kept across exec
 
 
+def port_taken(port: int, host: str = LOOPBACK) -> bool:
+    """Whether something listens on the port now."""
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) == 0
+
+
+def milvus_answers(uri: str, timeout: float = 5.0) -> bool:
+    """Whether a Milvus server answers at `uri`: a real call (its version) through pymilvus."""
+    import_pymilvus_safely()
+    from pymilvus import MilvusClient
+
+    from store.milvus import GRPC_OPTIONS
+
+    try:
+        # pymilvus keeps the connection for later clients of this address: with the store's
+        # keep-alive options, or the server's "too many pings" breaks them.
+        client = MilvusClient(uri=uri, timeout=timeout, grpc_options=GRPC_OPTIONS)
+        try:
+            client.get_server_version()
+        finally:
+            client.close()
+    except Exception:
+        return False
+    return True
+
+
 class LiteServer:
     """A `milvus-lite server` child process serving one data directory on loopback."""
 
@@ -92,9 +124,7 @@ class LiteServer:
         self.port = port
         self.process = process
         self.tail: deque[str] = deque(maxlen=20)  # its last lines, for error messages
-        self.ready = False
-        self._settled = threading.Event()  # set when it is ready or its output ends
-        self._done = threading.Event()
+        self._done = threading.Event()  # its output ended (it exited)
         # Read its output for as long as it runs: a full pipe would block it.
         threading.Thread(target=self._read, name="milvus-lite-output", daemon=True).start()
 
@@ -112,15 +142,11 @@ class LiteServer:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             self.tail.append(line.rstrip())
-            if READY_MARK in line and not self.ready:
-                self.ready = True
-                self._settled.set()
         self._done.set()
-        self._settled.set()
 
     @classmethod
     def start(cls, data_dir: Path, timeout: float = START_TIMEOUT) -> LiteServer:
-        """Start it and wait until it listens; StoreError if it exits or times out first."""
+        """Start it and wait until it answers; StoreError if it exits or times out first."""
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         for attempt in range(1, BIND_ATTEMPTS + 1):
             port = free_port()
@@ -131,7 +157,7 @@ class LiteServer:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
-                # It prints READY_MARK with print(): unbuffered, the line arrives at once.
+                # Unbuffered, its last lines are there to quote if it fails.
                 # Importing pymilvus rejects a MILVUS_URI that is a path (here or in .env);
                 # empty is skipped and keeps .env's from being loaded (see settings.py).
                 env={**os.environ, "PYTHONUNBUFFERED": "1", "MILVUS_URI": ""},
@@ -146,9 +172,8 @@ class LiteServer:
                 return server
             except StoreError:
                 server.stop()
-                last = server.tail[-1] if server.tail else ""
                 # The port was free a moment ago; another program may have taken it since.
-                if "Failed to bind" in last and attempt < BIND_ATTEMPTS:
+                if port_taken(port) and attempt < BIND_ATTEMPTS:
                     continue
                 raise
             except BaseException:  # Ctrl-C or SIGTERM while waiting
@@ -157,13 +182,21 @@ class LiteServer:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _wait_ready(self, timeout: float) -> None:
-        if not self._settled.wait(timeout):
-            raise StoreError(f"milvus-lite server did not start within {timeout:.0f} s on {self.data_dir}")
-        if self.ready:
-            return
-        self.process.wait()
+        # It opens the data directory, then listens: a connection means it is about ready, and
+        # a call that Milvus answers (not whatever else might hold the port) means it is.
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None:
+            if port_taken(self.port) and milvus_answers(self.uri):
+                return
+            if time.monotonic() > deadline:
+                raise StoreError(
+                    f"milvus-lite server did not answer within {timeout:.0f} s on {self.data_dir}"
+                    + (f"; it printed: {self.tail[-1]}" if self.tail else "")
+                )
+            self._done.wait(READY_POLL)  # returns at once if it exits meanwhile
+        self._done.wait(5)  # its last lines
         last = self.tail[-1] if self.tail else f"exit code {self.process.returncode}"
-        if "DataDirLockedError" in last:
+        if LOCKED in last:
             raise StoreError(
                 f"the Milvus Lite file {self.data_dir} is in use by another process (Milvus Lite "
                 "allows one process per file): stop it, or set MILVUS_URI to the server that holds it"
@@ -244,19 +277,16 @@ def create_app() -> Any:
     parent = multiprocessing.parent_process()
     if parent is not None and parent.pid != os.getppid():  # it died before we asked
         raise SystemExit("rag serve stopped while this worker started")
+    from observability import log_config
     from server import create_app as create_server_app
+    from settings import get_settings
 
-    return create_server_app()
-
-
-def log_config() -> dict[str, Any]:
-    """uvicorn's logging with each line tagged by its process id, to tell the workers apart."""
-    from uvicorn.config import LOGGING_CONFIG
-
-    config = copy.deepcopy(LOGGING_CONFIG)
-    for formatter in config["formatters"].values():
-        formatter["fmt"] = formatter["fmt"].replace("%(levelprefix)s ", "%(levelprefix)s [%(process)d] ", 1)
-    return config
+    # pymilvus configures its own logger when it is first imported, which would undo the log
+    # configuration uvicorn applied in this worker: import it, then apply ours again.
+    settings = get_settings()
+    import_pymilvus_safely()
+    logging.config.dictConfig(log_config(settings))
+    return create_server_app(settings)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -266,6 +296,8 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def serve(settings: Settings, host: str, port: int, workers: int, out: TextIO) -> None:
     """Serve the app with `workers` uvicorn processes until SIGINT or SIGTERM."""
     import uvicorn
+
+    from observability import log_config
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     # Until uvicorn installs its own handlers, SIGTERM unwinds like Ctrl-C, so the store
@@ -285,6 +317,13 @@ def serve(settings: Settings, host: str, port: int, workers: int, out: TextIO) -
                 )
             env = settings_environment(settings, uri)
             env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(threads_per_worker(workers))
+            # Each worker writes its metrics to files here, and any worker's /metrics sums them
+            # (prometheus-client's multiprocess mode). A directory of our own starts empty and
+            # goes when we stop; one the user set is theirs to empty.
+            if not settings.prometheus_multiproc_dir:
+                env["PROMETHEUS_MULTIPROC_DIR"] = stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="rag-metrics-")
+                )
             stack.enter_context(environment(env))
             uvicorn.run(
                 APP,
@@ -293,7 +332,7 @@ def serve(settings: Settings, host: str, port: int, workers: int, out: TextIO) -
                 host=host,
                 port=port,
                 log_level="info",
-                log_config=log_config(),
+                log_config=log_config(settings),
             )
     finally:
         for s, handler in saved.items():

@@ -40,7 +40,9 @@ def parse_env(variant: str) -> dict[str, str]:
 
 
 @contextmanager
-def variant_server(db: Path, collection: str, llm_url: str, env: dict[str, str], log: Path) -> Iterator[str]:
+def variant_server(
+    db: Path, collection: str, llm: serve.Upstream, env: dict[str, str], log: Path
+) -> Iterator[str]:
     """The base URL of bench/serve.py's child server with `env` added to its environment."""
     saved = {name: os.environ.get(name) for name in env}
 
@@ -53,24 +55,27 @@ def variant_server(db: Path, collection: str, llm_url: str, env: dict[str, str],
 
     os.environ.update(env)  # the child inherits the environment when it starts
     try:
-        with serve.child_server(db, collection, llm_url, log) as (base, _pid):
+        with serve.child_server(db, collection, llm, log) as (base, _pid):
             restore()  # started: the next server must not inherit these
             yield base
     finally:
         restore()
 
 
-async def added_latency(client: Any, base: str, llm: Any, question: str) -> float:
+async def added_latency(client: Any, base: str, llm: serve.Upstream, question: str) -> float:
     """One streamed answer's time minus the upstream's own, in ms (as bench/serve.py counts it)."""
-    sent_before, requests_before = len(llm.sent), len(llm.requests)
+    before = await llm.counts(client)
     answer = await serve.stream_over_http(client, base, question)
     if answer.error is not None:
         raise SystemExit(f"{base}: {answer.error}")
-    sent, requests = llm.sent[sent_before:], llm.requests[requests_before:]
+    seen = await llm.since(client, before)
+    sent, requests = seen["sent"], seen["requests"]
     return (answer.seconds - (sent[-1][0] - requests[0]["received"])) * 1000
 
 
-async def compare(bases: list[str], llm: Any, questions: list[str], answers: int) -> list[list[float]]:
+async def compare(
+    bases: list[str], llm: serve.Upstream, questions: list[str], answers: int
+) -> list[list[float]]:
     import httpx
 
     figures: list[list[float]] = [[] for _ in bases]
@@ -96,11 +101,8 @@ def main() -> None:
     parser.add_argument("--answers", type=int, default=200, help="answers per server")
     args = parser.parse_args()
     envs = [parse_env(args.variant_a), parse_env(args.variant_b)]
-    from tests.llm_server import Behaviour, LLMServer
-
     questions = serve.load_questions(serve.QUESTIONS)
-    llm = LLMServer()
-    llm.behaviour = Behaviour(reply=serve.INSTANT_REPLY)
+    llm = serve.Upstream(serve.INSTANT_REPLY)
     try:
         with tempfile.TemporaryDirectory() as folder, ExitStack() as servers:
             db, collection = Path(folder) / "a.db", f"ab_{uuid.uuid4().hex[:8]}"
@@ -109,7 +111,7 @@ def main() -> None:
             bases = [
                 servers.enter_context(
                     variant_server(
-                        Path(folder) / f"{name}.db", collection, llm.url, env, Path(folder) / f"{name}.log"
+                        Path(folder) / f"{name}.db", collection, llm, env, Path(folder) / f"{name}.log"
                     )
                 )
                 for name, env in zip("ab", envs, strict=True)

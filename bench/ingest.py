@@ -132,7 +132,7 @@ def main() -> None:
         texts = [
             chunk.page_content
             for doc in DocumentSourceLoader([str(args.corpus)]).lazy_load()
-            for chunk in chunker.chunks(doc.metadata["source"], doc.page_content)
+            for chunk in chunker.split_document(doc)
         ]
         split_s = time.perf_counter() - started
         service.embeddings.embed_query("load the model")

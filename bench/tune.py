@@ -25,9 +25,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # the project; bench/ itself is sys.path[0]
 
-from bench.retrieval import CORPORA, machine, pseudo_questions, section_hits  # noqa: E402
+from retrieval import CORPORA, machine, pseudo_questions, section_hits  # noqa: E402
 
 WRITTEN = REPO / "bench" / "questions-written.jsonl"
 MODES = ["dense", "hybrid"]
@@ -93,7 +93,10 @@ def run(corpus: str, eval_file: Path, pseudo: int) -> str:
     sets = {"dev": load_rows(eval_file), "written": load_rows(WRITTEN)}
     path = CORPORA[corpus]
     with tempfile.TemporaryDirectory() as folder:
-        values = {"MILVUS_URI": str(Path(folder) / "bench.db"), "RAG_CACHE_DIR": str(Path(folder) / "cache")}
+        values: dict[str, Any] = {
+            "MILVUS_URI": str(Path(folder) / "bench.db"),
+            "RAG_CACHE_DIR": str(Path(folder) / "cache"),
+        }
         settings = Settings(_env_file=None, **values)
         service = open_service(settings, llm=None)
         started = time.perf_counter()

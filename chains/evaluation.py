@@ -54,15 +54,24 @@ def load_rows(path: str | Path) -> list[EvalRow]:
     return rows
 
 
+# Typographic quotes that converters put in (pandoc's smart quotes): "What’s" is "What's".
+QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201b": "'", "\u201c": '"', "\u201d": '"'})
+
+
 def _norm(text: str) -> str:
-    return " ".join(re.sub(r"[`*]", "", text).split()).casefold()
+    return " ".join(re.sub(r"[`*]", "", text.translate(QUOTES)).split()).casefold()
+
+
+def same_document(source: str, wanted: str) -> bool:
+    """Whether a chunk's source is the row's file, in any format: `faq.pdf` is `faq.md`."""
+    return PurePosixPath(source).stem == PurePosixPath(wanted).stem
 
 
 def is_hit(document: Document, row: EvalRow) -> bool:
-    """The chunk comes from the row's file and its headings include the row's heading."""
+    """The chunk comes from the row's file (by stem) and its headings include the row's heading."""
     if row.source is None or row.heading is None:
         return False
-    if PurePosixPath(str(document.metadata.get("source", ""))).name != row.source:
+    if not same_document(str(document.metadata.get("source", "")), row.source):
         return False
     wanted = _norm(row.heading)
     return any(_norm(h) == wanted for h in document.metadata.get("headers") or [])

@@ -55,16 +55,23 @@ CONDENSE_PROMPT = ChatPromptTemplate.from_messages(
 )
 
 
-# Any closing tag of our delimiters, whatever its case or spacing, is neutralised.
-CLOSING_TAG = re.compile(r"<\s*/\s*(passage|context|conversation)", re.IGNORECASE)
+# Any tag of our delimiters, opening or closing, whatever its case or spacing, is
+# neutralised: a planted `</passage>` would end its passage early, and a planted
+# `<passage n="1" ...>` or `<context>` would open a fake one.
+DELIMITER_TAG = re.compile(r"<(?=\s*/?\s*(?:passage|context|conversation))", re.IGNORECASE)
+
+
+def escape_delimiters(text: str) -> str:
+    """`text` with the `<` of every passage, context and conversation tag written `&lt;`."""
+    return DELIMITER_TAG.sub("&lt;", text)
 
 
 def format_passage(n: int, document: Document) -> str:
-    """One passage, delimited so that its text can't close the tag it sits in."""
+    """One passage, delimited so that its text can neither close its tag nor open another."""
     meta = document.metadata
     section = html.escape(heading_path(list(meta.get("headers") or [])), quote=True)
     source = html.escape(str(meta.get("source", "")), quote=True)
-    text = CLOSING_TAG.sub(lambda m: "&lt;" + m.group(0)[1:], document.page_content)
+    text = escape_delimiters(document.page_content)
     return f'<passage n="{n}" source="{source}" section="{section}">\n{text}\n</passage>'
 
 
@@ -84,4 +91,4 @@ def format_history(messages: list[BaseMessage], max_chars: int = 2000) -> str:
         if len(text) > max_chars:
             text = text[:max_chars] + " …"
         lines.append(f"{who}: {text}")
-    return CLOSING_TAG.sub(lambda m: "&lt;" + m.group(0)[1:], "\n".join(lines))
+    return escape_delimiters("\n".join(lines))

@@ -4,14 +4,14 @@ DeepSeek → a stream of sources, reasoning, answer tokens and usage."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import random
 import threading
+import types
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from langchain_core.documents import Document
 from langchain_core.messages import (
@@ -28,10 +28,10 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableGenerator
 from langchain_core.runnables.utils import AddableDict, ConfigurableFieldSpec, get_unique_config_specs
 from pydantic import BaseModel, BeforeValidator, Field, create_model
 
-from chains.llm import is_retryable, retry_after
+from chains.llm import THINKING, describe_llm_error, is_retryable, retry_after, with_thinking
 from chains.prompts import CONDENSE_PROMPT, RAG_PROMPT, format_context, format_history
-from errors import InputError, LLMError, LLMTimeoutError, RagError, record_stream_error
-from loaders.markdown import heading_path
+from errors import InputError, LLMError, LLMTimeoutError, RagError
+from loaders.markdown import citation, heading_path
 
 MAX_QUESTION_CHARS = 4000
 MAX_HISTORY_ITEMS = 200
@@ -85,6 +85,8 @@ class Source(BaseModel):
     n: int
     source: str
     headers: list[str]
+    page: int | None = Field(None, description="The first page of a PDF passage.")
+    last_page: int | None = Field(None, description="The last page of a PDF passage.")
     text: str
     score: float
 
@@ -144,6 +146,8 @@ def to_sources(documents: list[Document]) -> list[dict[str, Any]]:
             "n": n,
             "source": d.metadata.get("source", ""),
             "headers": list(d.metadata.get("headers") or []),
+            "page": d.metadata.get("page"),
+            "last_page": d.metadata.get("last_page"),
             "text": d.page_content,
             "score": float(d.metadata.get("score", 0.0)),
         }
@@ -151,15 +155,32 @@ def to_sources(documents: list[Document]) -> list[dict[str, Any]]:
     ]
 
 
+# How much of each passage an answer without an LLM shows.
+PASSAGE_PREVIEW_CHARS = 300
+
+
+def passage_preview(document: Document, limit: int = PASSAGE_PREVIEW_CHARS) -> str:
+    """A passage's text on one line, cut at a word near `limit` characters, without the
+    heading path that chunks start with (the list of sources names the section)."""
+    text = document.page_content
+    section = heading_path(list(document.metadata.get("headers") or []))
+    if section and text.startswith(section):
+        text = text[len(section) :]
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0] or text[:limit]
+    return cut.rstrip(",;:.") + " …"
+
+
 def offline_answer(documents: list[Document]) -> str:
-    """The answer when no LLM is configured: say so, then list what was retrieved."""
-    lines = ["No LLM is configured: set DEEPSEEK_API_KEY to get generated answers."]
+    """The answer when no LLM is configured: say so, then what each retrieved passage says,
+    numbered like the sources (which come with the answer and name each passage)."""
+    note = "No LLM is configured: set DEEPSEEK_API_KEY to get generated answers."
     if not documents:
-        lines.append("No passages were retrieved for this question.")
-    else:
-        lines.append("Retrieved passages:")
-        lines.append(format_sources(to_sources(documents)))
-    return "\n".join(lines)
+        return f"{note}\nNo passages were retrieved for this question."
+    passages = [f"[{n}] {passage_preview(d)}" for n, d in enumerate(documents, start=1)]
+    return "\n\n".join([f"{note} The passages retrieved for this question:", *passages])
 
 
 def usage_of(message: AIMessageChunk | None) -> dict[str, int] | None:
@@ -226,10 +247,10 @@ class RagChain:
         self.max_question_chars = max_question_chars
         self.policy = policy or AnswerPolicy()
         self.history_messages = history_messages
-        # Rewriting never needs the model's reasoning, whatever the request asked.
-        self.condense = (
-            CONDENSE_PROMPT | llm.bind(extra_body={"thinking": {"type": "disabled"}}) if llm else None
-        )
+        # The answer thinks only when the request asks (the `thinking` config field); rewriting
+        # the question never needs the model's reasoning.
+        self.answer_llm = {on: with_thinking(llm, on) for on in (False, True)} if llm else {}
+        self.condense = CONDENSE_PROMPT | with_thinking(llm, False) if llm else None
 
     async def _standalone_question(
         self, question: str, history: list[BaseMessage], config: RunnableConfig, deadline_at: float
@@ -248,17 +269,15 @@ class RagChain:
     async def astream(self, inputs: Any, config: RunnableConfig) -> AsyncIterator[dict[str, Any]]:
         """The answer as chunks: question?, sources, reasoning*, answer+, usage?.
 
-        A failure once chunks were sent ends the stream with an `error` chunk, then raises.
+        A failure ends the stream with an `error` chunk that says why, then raises: LangServe
+        sends every exception as the same generic 500, so the chunk is how a streaming client
+        learns the reason.
         """
-        started = False
         try:
             async for chunk in self._steps(inputs, config):
-                started = True
                 yield chunk
         except RagError as exc:
-            record_stream_error(exc)
-            if started:
-                yield AddableDict(error={"status_code": exc.status_code, "message": str(exc)})
+            yield AddableDict(error={"status_code": exc.status_code, "message": str(exc)})
             raise
 
     async def _steps(self, inputs: Any, config: RunnableConfig) -> AsyncIterator[dict[str, Any]]:
@@ -284,15 +303,14 @@ class RagChain:
         self, messages: list[BaseMessage], config: RunnableConfig, deadline_at: float
     ) -> AsyncIterator[dict[str, Any]]:
         """DeepSeek's answer; the deadline counts from the start of the request."""
-        assert self.llm is not None
+        llm = self.answer_llm[bool(config.get("configurable", {}).get("thinking"))]
         loop = asyncio.get_running_loop()
         attempt = 0
         while True:
             sent_tokens = False
             usage: AIMessageChunk | None = None
-            stream = self.llm.astream(messages, config)
             try:
-                async with contextlib.aclosing(stream):  # type: ignore[type-var]
+                async with ReadInTask(llm.astream(messages, config)) as stream:
                     while True:
                         chunk = await self._next_chunk(stream, deadline_at)
                         if chunk is None:
@@ -324,7 +342,7 @@ class RagChain:
         if final_usage is not None:
             yield AddableDict(usage=final_usage)
 
-    async def _next_chunk(self, stream: AsyncIterator[Any], deadline_at: float) -> AIMessageChunk | None:
+    async def _next_chunk(self, stream: ReadInTask, deadline_at: float) -> AIMessageChunk | None:
         # A read timeout alone never fires: DeepSeek sends keep-alive comments while it is
         # busy, so both limits are kept here, between the chunks the client parses.
         left = deadline_at - asyncio.get_running_loop().time()
@@ -332,9 +350,7 @@ class RagChain:
         try:
             # asyncio.timeout, not wait_for: no task per chunk (Python 3.11's wait_for makes one).
             async with asyncio.timeout(max(limit, 0.0)):
-                return await anext(stream)  # type: ignore[arg-type,no-any-return]
-        except StopAsyncIteration:
-            return None
+                return await stream.next()  # type: ignore[no-any-return]
         except TimeoutError:
             if limit < self.policy.stall_timeout:
                 raise LLMTimeoutError(
@@ -372,16 +388,98 @@ class RagChain:
             return exc
         if mid_answer and is_retryable(exc):
             return LLMError(f"the connection to DeepSeek broke in the middle of the answer: {exc}")
-        from chains.llm import describe_llm_error
-
         describe = self.describe_error or describe_llm_error
         return describe(exc)
 
     def runnable(self) -> Runnable:
         """This chain as a Runnable: stream, invoke, batch, sync and async."""
         parts = [self.retriever, self.llm] if self.llm is not None else [self.retriever]
-        specs = get_unique_config_specs(spec for part in parts for spec in part.config_specs)
+        specs = [spec for part in parts for spec in part.config_specs]
+        if self.llm is not None:
+            specs.append(THINKING)
+        specs = get_unique_config_specs(specs)
         return generator_runnable(self.astream, "rag", specs)
+
+
+def playground_spec(spec: ConfigurableFieldSpec) -> ConfigurableFieldSpec:
+    """A per-request setting as LangServe's config model and playground can take it.
+
+    - An option field (`model`) is an Enum, which pydantic writes as a `$ref` to a
+      definition: the playground's select then shows no default ("None"). A Literal of the
+      same values is written in place, with its default.
+    - An optional field with a value for default (ChatOpenAI's `temperature: float | None
+      = 0.0`) is written by pydantic as `anyOf: [X, {"type": "null"}]`, which the
+      playground's form renderer cannot draw: the whole page stays blank. It becomes X.
+    """
+    annotation, default = spec.annotation, spec.default
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        values = tuple(member.value for member in annotation)
+        return spec._replace(
+            annotation=Literal[values],  # type: ignore[valid-type]
+            default=default.value if isinstance(default, enum.Enum) else default,
+        )
+    if get_origin(annotation) in (Union, types.UnionType) and default is not None:
+        kinds = [kind for kind in get_args(annotation) if kind is not type(None)]
+        if len(kinds) == 1:
+            return spec._replace(annotation=kinds[0])
+    return spec
+
+
+_END = object()
+# Readers still running, so that none is garbage-collected while it closes its stream.
+_readers: set[asyncio.Task[None]] = set()
+
+
+class ReadInTask:
+    """An async iterator read by a task of its own: `next()` hands over what it has read,
+    None at the end; leaving `async with` stops it and closes the iterator.
+
+    Why a task: closing the model's stream is what closes the request to DeepSeek, and that
+    close must run to its end. When a client leaves, anyio cancels the task that serves it
+    again and again until it is done, and LangChain runs each step of a chain in a task of its
+    own that takes every one of those cancellations (shields inside it don't hold): a close
+    run there was interrupted, and the connection stayed open while DeepSeek went on
+    generating for nobody. This task is cancelled once, here, and by nothing else.
+    """
+
+    def __init__(self, stream: AsyncIterator[Any]) -> None:
+        self._received: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()
+        self._stopped = False
+        self._task = asyncio.get_running_loop().create_task(self._read(stream))
+        _readers.add(self._task)
+        self._task.add_done_callback(_readers.discard)
+
+    async def _read(self, stream: AsyncIterator[Any]) -> None:
+        try:
+            async for item in stream:
+                self._received.put_nowait((item, None))
+                # Let the consumer take it now: a burst that is already buffered would
+                # otherwise be read to its end before the first piece moves on.
+                await asyncio.sleep(0)
+            self._received.put_nowait((_END, None))
+        except Exception as exc:  # raised to the consumer by next()
+            self._received.put_nowait((_END, exc))
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def next(self) -> Any:
+        """The next item, or None at the end; the iterator's exception, if it raised one."""
+        item, error = await self._received.get()
+        if error is not None:
+            raise error
+        return None if item is _END else item
+
+    async def __aenter__(self) -> ReadInTask:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._task.cancel()  # nothing when it is done
+        # asyncio.wait, not `await task`: a cancellation of the caller must not reach the task.
+        await asyncio.wait({self._task})
 
 
 class _GeneratorWithConfig(RunnableGenerator):
@@ -389,16 +487,7 @@ class _GeneratorWithConfig(RunnableGenerator):
     # per-request settings (k, model, thinking...) it takes and validates.
     def __init__(self, *args: Any, specs: list[ConfigurableFieldSpec], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # An option field (`model`) is an Enum whose default LangChain gives as the plain
-        # string; LangServe's config model then warns on every dump. Give it the member.
-        self._specs = [
-            spec._replace(default=spec.annotation(spec.default))
-            if isinstance(spec.annotation, type)
-            and issubclass(spec.annotation, enum.Enum)
-            and isinstance(spec.default, str)
-            else spec
-            for spec in specs
-        ]
+        self._specs = [playground_spec(spec) for spec in specs]
 
     @property
     def config_specs(self) -> list[ConfigurableFieldSpec]:
@@ -427,11 +516,10 @@ def generator_runnable(
 
 def format_sources(sources: list[dict[str, Any]]) -> str:
     """The sources as the lines printed under an answer."""
-    lines = []
-    for s in sources:
-        section = heading_path(s["headers"])
-        lines.append(f"[{s['n']}] {s['source']}" + (f" — {section}" if section else ""))
-    return "\n".join(lines)
+    return "\n".join(
+        f"[{s['n']}] " + citation(s["source"], s["headers"], s.get("page"), s.get("last_page"))
+        for s in sources
+    )
 
 
 def build_chat_chain(rag_chain: Runnable) -> Runnable:
@@ -521,7 +609,7 @@ def build_rag_chain(
 
     Streamed, it yields {"question"} (only with history), then {"sources": [...]}, then
     {"reasoning": "..."} chunks (thinking on), {"answer": "..."} chunks and {"usage": {...}}.
-    A failure after the stream began ends it with {"error": {...}} and raises.
+    A failure ends the stream with {"error": {"status_code", "message"}} and raises.
     """
     steps = RagChain(retriever, llm, prompt, max_question_chars, policy, history_messages, describe_error)
     typed = steps.runnable().with_types(

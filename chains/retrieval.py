@@ -71,8 +71,10 @@ class MilvusRetriever(BaseRetriever):
     store: Any = Field(exclude=True)
     k: int = 3
     search: SearchMode = "hybrid"
-    source_glob: str | None = None
-    expr: str | None = None
+    # "" (not None) means no filter: these fields are the per-request settings that
+    # LangServe's playground draws, and its form renderer cannot draw an optional field.
+    source_glob: str = ""
+    expr: str = ""
     max_k: int = 50
 
     def _get_relevant_documents(
@@ -119,15 +121,14 @@ class MilvusRetriever(BaseRetriever):
     def _rank(
         self, store: RagStore, query: str, k: int, mode: SearchMode, filter_expr: str
     ) -> list[dict[str, Any]]:
-        """Hits best first, each {"pk", "distance" (our score), "entity": the stored fields}."""
+        """Hits best first, each {"pk", "score" (higher is better), "entity": the stored fields}."""
         # Candidates per list: enough to fill k distinct sections after collapsing.
         limit = min(max(k * 4, CANDIDATES), 16384)
 
         def search(data: Any, field: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-            hits = store.search(data, field, limit, filter_expr, params)
-            return [{**h, "distance": abs(h["distance"])} for h in hits]
+            return store.search(data, field, limit, filter_expr, params)
 
-        if mode == "sparse":  # (Milvus Lite reports BM25 scores negated: abs() above)
+        if mode == "sparse":
             return search(query, SPARSE_FIELD, SPARSE_SEARCH)
         # One search scores cos(chunk) + 0.5·cos(heading): see store.milvus.DENSE_FIELD.
         dense = search(
@@ -146,9 +147,9 @@ def scale(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """BM25 scores min-max scaled to 0..1 within the list (they are unbounded)."""
     if not hits:
         return hits
-    low, high = min(h["distance"] for h in hits), max(h["distance"] for h in hits)
+    low, high = min(h["score"] for h in hits), max(h["score"] for h in hits)
     span = (high - low) or 1.0
-    return [{**h, "distance": (h["distance"] - low) / span} for h in hits]
+    return [{**h, "score": (h["score"] - low) / span} for h in hits]
 
 
 def fuse(lists: list[tuple[float, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
@@ -162,12 +163,12 @@ def fuse(lists: list[tuple[float, list[dict[str, Any]]]]) -> list[dict[str, Any]
     merged = {h["pk"]: h for _, hits in reversed(lists) for h in hits}
     total = dict.fromkeys(merged, 0.0)
     for weight, hits in lists:
-        floor = min((h["distance"] for h in hits), default=0.0)
-        scores = {h["pk"]: h["distance"] for h in hits}
+        floor = min((h["score"] for h in hits), default=0.0)
+        scores = {h["pk"]: h["score"] for h in hits}
         for pk in merged:
             total[pk] += weight * scores.get(pk, floor)
     ranked = sorted(merged.values(), key=lambda h: -total[h["pk"]])
-    return [{**h, "distance": total[h["pk"]]} for h in ranked]
+    return [{**h, "score": total[h["pk"]]} for h in ranked]
 
 
 def collapse_sections(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -183,9 +184,9 @@ def collapse_sections(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def to_document(hit: dict[str, Any]) -> Document:
-    """A LangChain Document from one pymilvus search hit."""
+    """A LangChain Document from one hit of `RagStore.search` (or of `fuse`)."""
     entity = hit.get("entity", hit)
-    score = float(hit.get("distance", 0.0))
+    score = float(hit.get("score", 0.0))
     return Document(
         page_content=entity.get(TEXT_FIELD, ""),
         metadata={
@@ -194,6 +195,8 @@ def to_document(hit: dict[str, Any]) -> Document:
             "root": entity.get("root", ""),
             "headers": list(entity.get("headers") or []),
             "chunk_index": entity.get("chunk_index", 0),
+            "page": entity.get("page"),
+            "last_page": entity.get("last_page"),
             "score": score,
         },
     )

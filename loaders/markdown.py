@@ -17,6 +17,13 @@ FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.DOTALL)
 # Leading whitespace is swapped for this non-space character before the split and back after.
 INDENT_MARK = "\u2800"
 HEADING_SEPARATOR = " > "
+# "Page N starts here", in the text of a paged document (PDF): printable characters (the
+# header splitter drops unprintable ones) that no splitter treats as whitespace or markup.
+# The chunker reads them into `page` and `last_page`, and removes them from the chunk text.
+PAGE_MARK = re.compile("\u27e6\u27e6(\\d+)\u27e7\u27e7")
+# Part of every chunk id: bump it when a change to the chunking here should re-embed every
+# corpus. Library upgrades (langchain-text-splitters, the format readers) do not change ids.
+CHUNKING_VERSION = "2"
 # Separators tried in order when a section is too long: paragraphs, code fences, lines, words.
 CAP_SEPARATORS = ["\n\n", "\n```", "\n", ". ", " ", ""]
 
@@ -128,9 +135,13 @@ class Section:
     body: str
 
 
-def split_sections(text: str) -> list[Section]:
-    """Split markdown on headings with LangChain's MarkdownHeaderTextSplitter."""
-    meta, body = split_front_matter(text)
+def split_sections(text: str, title: str | None = None, front_matter: bool = True) -> list[Section]:
+    """Split markdown on headings with LangChain's MarkdownHeaderTextSplitter.
+
+    Text before the first heading gets the front matter's `title:`, else `title`, as its heading.
+    """
+    meta, body = split_front_matter(text) if front_matter else ({}, text)
+    title = meta.get("title") or title
     body = clean_markdown(body)
     splitter = MarkdownHeaderTextSplitter(HEADERS_TO_SPLIT_ON, strip_headers=True)
     sections = []
@@ -138,8 +149,8 @@ def split_sections(text: str) -> list[Section]:
         headers = [
             _clean_heading(doc.metadata[key]) for _, key in HEADERS_TO_SPLIT_ON if doc.metadata.get(key)
         ]
-        if not headers and meta.get("title"):
-            headers = [meta["title"]]
+        if not headers and title:
+            headers = [title]
         content = _restore(doc.page_content)
         if content:
             sections.append(Section(headers=headers, body=content))
@@ -172,6 +183,66 @@ def heading_path(headers: list[str]) -> str:
     return HEADING_SEPARATOR.join(headers)
 
 
+def page_mark(page: int) -> str:
+    """The line that starts page `page` in a paged document's text."""
+    return f"\u27e6\u27e6{page}\u27e7\u27e7"
+
+
+def page_label(page: int | None, last_page: int | None = None) -> str:
+    """'p. 3', 'pp. 3-4', or '' for a chunk without pages."""
+    if not page:
+        return ""
+    if last_page and last_page != page:
+        return f"pp. {page}-{last_page}"
+    return f"p. {page}"
+
+
+def citation(source: str, headers: list[str], page: int | None = None, last_page: int | None = None) -> str:
+    """Where a passage is: 'file.pdf p. 3 — Heading > Sub'."""
+    where = " ".join(part for part in (source, page_label(page, last_page)) if part)
+    section = heading_path(headers)
+    return f"{where} — {section}" if section else where
+
+
+def _paged_pieces(
+    body: str, pieces: list[str], page: int
+) -> tuple[list[tuple[str, int | None, int | None]], int]:
+    """Each piece without page marks, with its first and last page; and the page at the end.
+
+    `page` is the page the section starts on. Pieces are substrings of `body` (overlapping).
+    """
+    marks = [(m.end(), int(m.group(1))) for m in PAGE_MARK.finditer(body)]
+
+    def page_at(offset: int) -> int:
+        current = page
+        for end, number in marks:
+            if end > offset:
+                break
+            current = number
+        return current
+
+    located: list[tuple[str, int | None, int | None]] = []
+    cursor = 0
+    for piece in pieces:
+        start = body.find(piece, cursor)
+        if start < 0:
+            start = cursor
+        else:
+            cursor = start + 1
+        parts = PAGE_MARK.split(piece)  # text, page, text, page, text...
+        current = page_at(start)
+        pages = []
+        for position, part in enumerate(parts):
+            if position % 2:
+                current = int(part)
+            elif part.strip():
+                pages.append(current)
+        text = re.sub(r"\n{3,}", "\n\n", "".join(parts[0::2])).strip()
+        if pages:
+            located.append((text, pages[0], pages[-1]))
+    return located, page_at(len(body))
+
+
 @dataclass
 class Chunker:
     """Turns one file's text into Documents no longer than `max_tokens` model tokens.
@@ -195,10 +266,51 @@ class Chunker:
             )
         return self._splitters[budget]
 
-    def chunks(self, source: str, text: str, extra: dict[str, Any] | None = None) -> list[Document]:
-        """Documents with metadata {source, headers, chunk_index} (plus `extra`)."""
+    @property
+    def version(self) -> str:
+        """What, besides the source text, decides the chunks: this code's version and the size cap."""
+        return f"{CHUNKING_VERSION}:{self.max_tokens}"
+
+    def split_document(self, document: Document) -> list[Document]:
+        """The chunks of one loaded file, each with its id (see `chunk_id`).
+
+        `document.metadata` has `source`, `root`, and from the loaders `format`, `title` and
+        `source_hash` (of the bytes read; the text's hash when absent).
+        """
+        meta = document.metadata
+        kind = meta.get("format", "markdown")
+        chunks = self.chunks(
+            meta["source"],
+            document.page_content,
+            extra={"root": meta["root"]},
+            title=meta.get("title") or None,
+            front_matter=kind in ("markdown", "text"),
+            paged=kind == "pdf",
+        )
+        digest = meta.get("source_hash") or text_hash(document.page_content)
+        for chunk in chunks:
+            chunk.id = chunk_id(
+                meta["root"], meta["source"], digest, self.version, chunk.metadata["chunk_index"]
+            )
+        return chunks
+
+    def chunks(
+        self,
+        source: str,
+        text: str,
+        extra: dict[str, Any] | None = None,
+        *,
+        title: str | None = None,
+        front_matter: bool = True,
+        paged: bool = False,
+    ) -> list[Document]:
+        """Documents with metadata {source, headers, chunk_index, page, last_page} (plus `extra`).
+
+        `page` and `last_page` are None unless the text is `paged` (has page marks).
+        """
         documents: list[Document] = []
-        for section in split_sections(text):
+        page = 1
+        for section in split_sections(text, title=title, front_matter=front_matter):
             prefix = heading_path(section.headers)
             prefix_text = f"{prefix}\n\n" if prefix else ""
             budget = max(32, self.max_tokens - self.count_tokens(prefix_text))
@@ -207,8 +319,12 @@ class Chunker:
                 if self.count_tokens(section.body) <= budget
                 else self._splitter(budget).split_text(section.body)
             )
-            for piece in pieces:
-                piece = piece.strip()
+            located: list[tuple[str, int | None, int | None]]
+            if paged:
+                located, page = _paged_pieces(section.body, pieces, page)
+            else:
+                located = [(piece.strip(), None, None) for piece in pieces]
+            for piece, first_page, last_page in located:
                 if not piece:
                     continue
                 documents.append(
@@ -218,6 +334,8 @@ class Chunker:
                             "source": source,
                             "headers": list(section.headers),
                             "chunk_index": len(documents),
+                            "page": first_page,
+                            "last_page": last_page,
                             **(extra or {}),
                         },
                     )
@@ -244,10 +362,22 @@ def heading_text(doc: Document) -> str:
     return doc.page_content.strip().split("\n", 1)[0][:300]
 
 
-def chunk_id(root: str, doc: Document) -> str:
-    """Deterministic id from where the chunk comes from and what it says."""
+def text_hash(text: str | bytes) -> str:
+    """The hash of a file's bytes (or text) that chunk ids are keyed on."""
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    return hashlib.sha256(data).hexdigest()
+
+
+def chunk_id(root: str, source: str, source_hash: str, version: str, chunk_index: int) -> str:
+    """Deterministic id from the file the chunk comes from, its content, and the chunk's place.
+
+    Keyed on the source, not on the chunk text that the splitter made: an upgrade of
+    langchain-text-splitters that changes how text is split or joined leaves every id, so
+    the next ingest embeds nothing that did not change. A changed file gets new ids for all
+    its chunks. `version` (Chunker.version) changes ids on purpose.
+    """
     digest = hashlib.sha256()
-    for part in (root, doc.metadata["source"], str(doc.metadata["chunk_index"]), doc.page_content):
+    for part in (root, source, source_hash, version, str(chunk_index)):
         digest.update(part.encode("utf-8"))
         digest.update(b"\x00")
     return digest.hexdigest()[:40]
@@ -255,5 +385,6 @@ def chunk_id(root: str, doc: Document) -> str:
 
 def naive_chunks(source: str, text: str) -> Iterable[Document]:
     """The tutorial's pipeline: split on '# ', no cap. Kept as the evaluation baseline."""
+    text = PAGE_MARK.sub("", text)
     for index, piece in enumerate(p for p in text.split("# ") if p.strip()):
         yield Document(page_content=piece, metadata={"source": source, "headers": [], "chunk_index": index})

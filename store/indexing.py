@@ -1,9 +1,10 @@
 """Ingest: files → chunks → ids from content → embed only what is new → Milvus; a summary.
 
-Chunk ids are hashes of (root, source, position, text), so Milvus alone can tell what is
-already stored: no record manager to keep in step with the collection. New chunks are
-written before stale ones are deleted, so a crash at any point leaves either the old or
-the new version of a file, never neither, and the next run finishes the job.
+Chunk ids are hashes of (root, source, the file's content, position), made by the chunker
+(loaders.markdown.chunk_id), so Milvus alone can tell what is already stored: no record
+manager to keep in step with the collection. New chunks are written before stale ones are
+deleted, so a crash at any point leaves either the old or the new version of a file, never
+neither, and the next run finishes the job.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from queue import Empty, Queue
 from typing import Any, TypeVar
@@ -21,9 +22,11 @@ from typing import Any, TypeVar
 from langchain_core.documents import Document
 from tqdm import tqdm
 
-from loaders.markdown import Chunker, chunk_id, heading_text
-from loaders.sources import DEFAULT_MAX_BYTES, DocumentSourceLoader, Skipped
-from store.milvus import PRIMARY_FIELD, RagStore, dense_vector, escape
+from loaders.archive_safety import DEFAULT_MAX_UNZIPPED_BYTES
+from loaders.formats import Limits
+from loaders.markdown import Chunker, heading_text
+from loaders.sources import DEFAULT_MAX_BYTES, UNSUPPORTED, DocumentSourceLoader, Skipped
+from store.milvus import INGESTED_AT_FIELD, PRIMARY_FIELD, RagStore, dense_vector, escape
 
 T = TypeVar("T")
 
@@ -45,15 +48,45 @@ class IngestReport:
 
     @property
     def failed(self) -> bool:
-        """True when any file could not be ingested."""
-        return bool(self.skipped)
+        """True when a file could not be read, or nothing at all could be.
+
+        Files passed over for their type (a picture in a docs folder) are listed, and fail
+        the ingest only when they are all there was.
+        """
+        return self.files == 0 or any(s.kind != UNSUPPORTED for s in self.skipped)
+
+    def why_nothing(self) -> str | None:
+        """Why no file was read, when none was: one line for the user."""
+        if self.files:
+            return None
+        unsupported = [s for s in self.skipped if s.kind == UNSUPPORTED]
+        failed = len(self.skipped) - len(unsupported)
+        parts = []
+        if failed:
+            parts.append(f"{failed} could not be read")
+        if unsupported:
+            types = sorted(
+                {
+                    s.reason.removeprefix("unsupported file type ")
+                    .removeprefix("unsupported content type ")
+                    .split(" (")[0]
+                    .strip("()")
+                    for s in unsupported
+                }
+            )
+            parts.append(f"{len(unsupported)} of unsupported types ({', '.join(types)})")
+        found = f"; of the files found, {' and '.join(parts)}" if parts else ": no files were found"
+        return (
+            "nothing was ingested" + found + ". Supported: .md, .markdown, .mdx, .txt, .text, .rst, "
+            ".html, .htm, .xhtml, .pdf, .docx, in folders, zip archives or at URLs"
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON summary."""
         data = asdict(self)
         data["seconds"] = round(self.seconds, 2)
         data["peak_rss_mb"] = round(self.peak_rss_mb, 1)
-        data["skipped"] = [{"path": s.path, "reason": s.reason} for s in self.skipped]
+        data["skipped"] = [{"path": s.path, "reason": s.reason, "kind": s.kind} for s in self.skipped]
         return data
 
     def summary(self) -> str:
@@ -77,10 +110,12 @@ def write_chunks(store: RagStore, items: list[tuple[str, Document]]) -> None:
     headings = [heading_text(d) for _, d in items]
     distinct = sorted(set(headings))
     by_heading = dict(zip(distinct, embed(distinct), strict=True))
+    written_at = int(time.time())
     store.vectorstore.add_embeddings(
         texts,
         [dense_vector(v, by_heading[h]) for v, h in zip(vectors, headings, strict=True)],
-        [d.metadata for _, d in items],
+        # A re-embedded chunk (rag tune) keeps when it was ingested; a new one gets now.
+        [{INGESTED_AT_FIELD: written_at, **d.metadata} for _, d in items],
         ids=[i for i, _ in items],
     )
 
@@ -88,12 +123,14 @@ def write_chunks(store: RagStore, items: list[tuple[str, Document]]) -> None:
 class _Writer:
     """Buffers new chunks, embeds them in batches and writes them, then runs deletes."""
 
-    def __init__(self, store: RagStore, batch_size: int, bar: Any):
+    def __init__(self, store: RagStore, batch_size: int, bar: Any, seal_every: int | None = None):
         self.store = store
         self.batch_size = batch_size
         self.bar = bar
         self.pending: list[tuple[str, Document]] = []
         self.pending_deletes: list[str] = []
+        self.seal_every = seal_every
+        self.unsealed = 0
 
     def add(self, items: Iterable[tuple[str, Document]], deletes: Iterable[str]) -> None:
         self.pending.extend(items)
@@ -105,10 +142,14 @@ class _Writer:
         if self.pending:
             write_chunks(self.store, self.pending)
             self.bar.set_postfix_str(f"{len(self.pending)} chunks embedded", refresh=False)
+            self.unsealed += len(self.pending)
             self.pending = []
         # Deletes only after the replacing chunks are stored: see the module docstring.
         self.delete(self.pending_deletes)
         self.pending_deletes = []
+        if self.seal_every is not None and self.unsealed >= self.seal_every:
+            self.store.flush()
+            self.unsealed = 0
 
     def delete(self, ids: list[str]) -> None:
         for start in range(0, len(ids), 1000):
@@ -186,27 +227,51 @@ def ingest(
     max_bytes: int = DEFAULT_MAX_BYTES,
     batch_size: int = 64,
     progress: bool = True,
+    limits: Limits | None = None,
+    root: str | None = None,
+    on_file: Callable[[int, int, IngestReport], None] | None = None,
+    allow_private_urls: bool = True,
+    max_unzipped_bytes: int = DEFAULT_MAX_UNZIPPED_BYTES,
+    seal_every: int | None = None,
 ) -> IngestReport:
-    """Bring the store in line with the files under `paths`; returns what changed."""
+    """Bring the store in line with the files under `paths`; returns what changed.
+
+    `root` records every document under that root instead of the folder, archive or URL it
+    was read from: uploads, read from a different temporary folder each time, keep the same
+    ids that way. `on_file(files done, files in all, report so far)` is called after each
+    file; it may raise to stop the ingest, which leaves every file in its old or its new
+    version (see the module docstring). `allow_private_urls=False` refuses URLs on the
+    server's own network (loaders/url_safety.py). `seal_every` N chunks written, the store
+    seals them (RagStore.flush), for searches that run during the ingest.
+
+    `limits` (size, pages, unpacked size, seconds per file) default to `max_bytes` and the
+    loaders' defaults.
+    """
     started = time.perf_counter()
     report = IngestReport()
     # The same path twice would insert its new chunks twice (ids are checked once per root).
-    loader = DocumentSourceLoader(list(dict.fromkeys(paths)), max_bytes=max_bytes)
+    loader = DocumentSourceLoader(
+        list(dict.fromkeys(paths)),
+        limits=limits or Limits(max_bytes=max_bytes),
+        allow_private_urls=allow_private_urls,
+        max_unzipped_bytes=max_unzipped_bytes,
+    )
     stored: dict[str, dict[str, set[str]]] = {}
     seen: dict[str, set[str]] = defaultdict(set)
+    total = loader.count_candidates()
     bar = tqdm(
-        total=loader.count_candidates(),
+        total=total,
         unit="file",
         desc="ingest",
         disable=not progress,
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    writer = _Writer(store, batch_size, bar)
-    split = (
-        (d, chunker.chunks(d.metadata["source"], d.page_content, extra={"root": d.metadata["root"]}))
-        for d in loader.lazy_load()
-    )
+    writer = _Writer(store, batch_size, bar, seal_every)
+    documents = loader.lazy_load()
+    if root is not None:
+        documents = (Document(d.page_content, metadata={**d.metadata, "root": root}) for d in documents)
+    split = ((d, chunker.split_document(d)) for d in documents)
     with bar:
         for document, chunks in prefetch(split):
             bar.update(1)
@@ -215,7 +280,7 @@ def ingest(
                 stored[root] = stored_ids(store, root)
             seen[root].add(source)
             report.files += 1
-            ids = [chunk_id(root, chunk) for chunk in chunks]
+            ids = [str(chunk.id) for chunk in chunks]
             old = stored[root].get(source, set())
             fresh = [(i, c) for i, c in zip(ids, chunks, strict=True) if i not in old]
             stale = sorted(old - set(ids))
@@ -226,6 +291,11 @@ def ingest(
                 report.added += len(fresh)
             report.deleted += len(stale)
             writer.add(fresh, stale)
+            if on_file is not None:
+                # Skipped files count as done (the reader, ahead of this loop, may have
+                # skipped some that come later: the count is never more than the total).
+                done = report.files + len(loader.skipped)
+                on_file(done, max(total, done), report)
         writer.flush()
         if prune:
             for root, by_source in stored.items():
@@ -235,6 +305,9 @@ def ingest(
                 writer.delete(gone)
                 report.deleted += len(gone)
     report.skipped = loader.skipped
+    if on_file is not None:
+        done = report.files + len(loader.skipped)
+        on_file(done, max(total, done), report)
     if report.added or report.updated or report.deleted:
         store.flush()
     report.total_chunks = store.count()

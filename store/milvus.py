@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from errors import StoreError
 from settings import Settings, import_pymilvus_safely
 from store.embeddings import PymilvusEmbeddings
+from store.lite_file import release_lite_file
 
 if TYPE_CHECKING:
     from langchain_milvus import Milvus
@@ -31,6 +32,10 @@ HEAD_WEIGHT = 0.5
 LEGACY_HEAD_FIELD = "head"
 SPARSE_FIELD = "sparse"  # BM25, filled by Milvus from the text
 PRIMARY_FIELD = "pk"
+# When the chunk was written (Unix seconds). Collections made before it lack the field:
+# langchain-milvus leaves out metadata that a collection has no field for, and listings
+# report null for them.
+INGESTED_AT_FIELD = "ingested_at"
 
 
 def metadata_schema() -> dict[str, Any]:
@@ -45,7 +50,16 @@ def metadata_schema() -> dict[str, Any]:
             "kwargs": {"element_type": DataType.VARCHAR, "max_capacity": 16, "max_length": 1024},
         },
         "chunk_index": {"dtype": DataType.INT64, "kwargs": {}},
+        # The first and last page of a PDF chunk; null for formats without pages.
+        "page": {"dtype": DataType.INT64, "kwargs": {"nullable": True}},
+        "last_page": {"dtype": DataType.INT64, "kwargs": {"nullable": True}},
+        INGESTED_AT_FIELD: {"dtype": DataType.INT64, "kwargs": {}},
     }
+
+
+# Fields that collections made by earlier versions lack (they can't be added to a collection
+# in Milvus Lite): such a collection gets a StoreError that says what to do.
+PAGE_FIELDS = ("page", "last_page")
 
 
 # langchain-milvus's defaults for a BM25 field (`drop_ratio_build` in the search params,
@@ -61,7 +75,7 @@ DENSE_SEARCH = {"metric_type": "IP", "params": {}}
 SPARSE_SEARCH = {"metric_type": "BM25", "params": {}}
 # Searches return the text with each hit: cheaper than a second call for the top k
 # (0.3 ms against 2 ms for a `get` in Milvus Lite).
-OUTPUT_FIELDS = [TEXT_FIELD, "source", "root", "headers", "chunk_index"]
+OUTPUT_FIELDS = [TEXT_FIELD, "source", "root", "headers", "chunk_index", *PAGE_FIELDS]
 
 
 GRPC_OPTIONS = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False}
@@ -82,6 +96,17 @@ def dense_search_params(index_type: str) -> dict[str, Any]:
 def dense_vector(chunk: Sequence[float], heading: Sequence[float]) -> list[float]:
     """The stored vector of a chunk, from the unit vectors of its text and its heading."""
     return [c + HEAD_WEIGHT * h for c, h in zip(chunk, heading, strict=True)]
+
+
+def score(metric: str, distance: float) -> float:
+    """A hit's score, higher is better, from the distance Milvus reports for this metric.
+
+    IP is a similarity already. BM25 is a score of at least 0, but Milvus Lite reports it
+    negated (as a distance, smaller is better) where Milvus reports it as it is; its size is
+    the score on both. tests/integration/test_store.py checks each field on a Lite file and
+    on a server, and that Lite still negates (so this can go when it stops).
+    """
+    return abs(distance) if metric == "BM25" else distance
 
 
 def connection_args(settings: Settings) -> dict[str, Any]:
@@ -113,29 +138,6 @@ def describe_failure(settings: Settings, exc: Exception) -> str:
     return f"cannot reach Milvus at {settings.milvus_uri}: {text.splitlines()[0] if text else exc!r}"
 
 
-def lite_database(settings: Settings) -> Any | None:
-    """Milvus Lite's engine for the Lite file this process opened (None for a server URI).
-
-    pymilvus serves a Lite file from an in-process gRPC server; searching the engine
-    behind it directly is the same `Collection.search` call that server's Search makes,
-    without the gRPC round trip: 6 ms against 14 ms a dense search over the 3,638 chunks
-    of the docs corpus (docs/benchmarks.md). Finding the engine needs the server
-    manager's private table, so any surprise there means None: searches then go over gRPC.
-    """
-    if settings.milvus_is_server:
-        return None
-    try:
-        from milvus_lite import MilvusLite
-        from milvus_lite.server_manager import server_manager_instance
-
-        entry = server_manager_instance._servers.get(connection_args(settings)["uri"])
-        database = entry[1] if isinstance(entry, tuple) and len(entry) > 1 else None
-        return database if isinstance(database, MilvusLite) else None
-    except Exception:
-        log.warning("Milvus Lite's engine is not reachable in process; searching over gRPC", exc_info=True)
-        return None
-
-
 @dataclass
 class RagStore:
     """The langchain-milvus store plus the raw client, for the calls LangChain doesn't wrap."""
@@ -146,8 +148,6 @@ class RagStore:
     settings: Settings
     _index_type: str | None = None
     _exists: bool = False
-    # Milvus Lite's engine, for a Lite file this process opened (see lite_database).
-    lite_engine: Any = field(default=None, repr=False)
 
     @property
     def client(self) -> MilvusClient:
@@ -176,31 +176,14 @@ class RagStore:
             self._exists = bool(self.client.has_collection(self.collection))
         return self._exists
 
-    @property
-    def searches_in_process(self) -> bool:
-        """Whether searches go straight to Milvus Lite's engine rather than over gRPC."""
-        return self.lite_engine is not None
-
     def search(
         self, data: Any, field_name: str, limit: int, filter_expr: str, params: dict[str, Any]
     ) -> list[dict[str, Any]]:
         """Best `limit` hits for one query (a vector, or text for BM25) on one vector field.
 
-        Each hit is {"pk", "distance" (as Milvus reports it), "entity": OUTPUT_FIELDS}.
-        Call only when the collection exists.
+        Each hit is {"pk", "score", "entity": OUTPUT_FIELDS}, best first; a higher score is
+        better for every field (see `score`). Call only when the collection exists.
         """
-        if self.lite_engine is not None:
-            # Asked each time (a dict lookup): a collection dropped and made again is a new object.
-            hits = self.lite_engine.get_collection(self.collection).search(
-                [data],
-                top_k=limit,
-                anns_field=field_name,
-                expr=filter_expr or None,
-                output_fields=OUTPUT_FIELDS,
-                metric_type=params["metric_type"],
-                search_params=params.get("params") or None,
-            )[0]
-            return [{"pk": h["id"], "distance": float(h["distance"]), "entity": h["entity"]} for h in hits]
         hits = self.client.search(
             self.collection,
             data=[data],
@@ -210,8 +193,10 @@ class RagStore:
             output_fields=OUTPUT_FIELDS,
             search_params=params,
         )[0]
+        metric = str(params["metric_type"])
         return [
-            {"pk": h[PRIMARY_FIELD], "distance": float(h["distance"]), "entity": h["entity"]} for h in hits
+            {"pk": h[PRIMARY_FIELD], "score": score(metric, float(h["distance"])), "entity": h["entity"]}
+            for h in hits
         ]
 
     def count(self) -> int:
@@ -233,15 +218,12 @@ class RagStore:
         file's lock) until the process exits; stopping it lets another process, such as
         `rag ingest` beside a stopped `rag serve`, open the file.
         """
-        self.lite_engine = None
         try:
             self.client.close()
         except Exception:  # pragma: no cover - closing twice is harmless
             log.debug("closing the Milvus client failed", exc_info=True)
         if not self.settings.milvus_is_server:
-            from milvus_lite.server_manager import server_manager_instance
-
-            server_manager_instance.release_server(connection_args(self.settings)["uri"])
+            release_lite_file(connection_args(self.settings)["uri"])
 
 
 def check_collection(client: MilvusClient, collection: str, embeddings: PymilvusEmbeddings) -> None:
@@ -261,6 +243,12 @@ def check_collection(client: MilvusClient, collection: str, embeddings: Pymilvus
             f"collection {collection!r} holds {stored_dim}-dimensional vectors but the embedding "
             f"model {embeddings.name!r} makes {embeddings.dimension}-dimensional ones: use the "
             "model it was built with, or set RAG_COLLECTION to a new name and ingest again"
+        )
+    if not set(PAGE_FIELDS) <= set(fields):
+        raise StoreError(
+            f"collection {collection!r} was made before page numbers were stored (no "
+            f"{'/'.join(PAGE_FIELDS)} fields): set RAG_COLLECTION to a new name and ingest again, "
+            "or delete the Milvus Lite file to rebuild it"
         )
     description = info.get("description") or ""
     if description.startswith("{"):
@@ -309,9 +297,7 @@ def make_store(settings: Settings, embeddings: PymilvusEmbeddings) -> RagStore:
     except StoreError:
         vectorstore.client.close()
         raise
-    return RagStore(
-        vectorstore, settings.collection, embeddings, settings, lite_engine=lite_database(settings)
-    )
+    return RagStore(vectorstore, settings.collection, embeddings, settings)
 
 
 def one_line(exc: BaseException, expr: str = "") -> str:

@@ -3,9 +3,6 @@ server` on loopback, and the OpenAI-compatible test server."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +12,7 @@ import pytest
 
 from settings import Settings, get_settings, import_pymilvus_safely
 from tests.llm_server import LLMServer
-from workers import free_port
+from workers import LiteServer
 
 # Test modules import pymilvus directly; a Milvus Lite path in MILVUS_URI must not break that.
 import_pymilvus_safely()
@@ -58,29 +55,10 @@ def _clear_settings_cache() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Milvus gRPC endpoint (`milvus-lite server`) on a free loopback port."""
-    data_dir = tmp_path_factory.mktemp("milvus-server")
-    port = free_port()
-    exe = shutil.which("milvus-lite", path=str(Path(sys.executable).parent)) or "milvus-lite"
-    process = subprocess.Popen(
-        [exe, "server", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    # It prints one line when it listens; read until then (or until it dies).
-    seen = []
-    for line in process.stdout:
-        seen.append(line)
-        if "listening on" in line:
-            break
-    else:
-        process.kill()
-        pytest.fail(f"milvus-lite server did not start: {''.join(seen)}")
-    yield f"http://127.0.0.1:{port}"
-    process.terminate()
-    process.wait(timeout=30)
+    """A real Milvus gRPC endpoint (`milvus-lite server`) on a free loopback port, started as
+    `rag serve --workers` starts it: ready once a pymilvus call is answered."""
+    with LiteServer.start(tmp_path_factory.mktemp("milvus-server") / "data") as server:
+        yield server.uri
 
 
 @pytest.fixture(params=["lite", "server"])

@@ -1,10 +1,21 @@
 """A small OpenAI-compatible chat server on 127.0.0.1 for tests: plain and streamed answers,
-every request recorded, faults on demand. The real `ChatOpenAI` client talks to it over HTTP."""
+every request recorded, faults on demand. The real `ChatOpenAI` client talks to it over HTTP.
+
+In tests it runs in process (`LLMServer()`). Benchmarks run it as a process of their own:
+
+    python tests/llm_server.py [--port 0] [--reply TEXT] [--token-delay S]
+
+prints `{"url": ..., "api_key": ...}` as its first line, and answers until terminated. Its
+`/control` routes set the behaviour and read what it observed (see `Handler.do_GET`); the
+times are `time.perf_counter()`, which on Linux is one clock for every process.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import select
+import signal
 import socket
 import sys
 import threading
@@ -25,6 +36,10 @@ KEEPALIVE = b": keep-alive\n\n"
 class QuietHTTPServer(ThreadingHTTPServer):
     """Says nothing when a client resets a connection: clients drop idle keep-alive
     connections that way, and the tests that drop them on purpose assert it themselves."""
+
+    # A burst of benchmark clients must not overflow the accept queue (socketserver's is 5):
+    # the overflow would wait a SYN retransmit (1 s), which is no property of the service.
+    request_queue_size = 1024
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if isinstance(sys.exc_info()[1], ConnectionError):
@@ -62,9 +77,17 @@ class Behaviour:
     keepalive_interval: float = 0.05
     # After this many tokens close the socket mid-body: no final chunk, no [DONE].
     drop_after: int | None = None
+    # After this many tokens send an OpenAI error event (`data: {"error": {...}}`) and end the
+    # body there, as an API that fails in the middle of an answer.
+    error_after: int | None = None
     # DeepSeek "thinking": streamed as `reasoning_content` before the content, only to requests
     # with {"thinking": {"type": "enabled"}}.
     reasoning: str | None = None
+    # Agents (OpenAI's tool-call protocol): a request that offers `tools` and has no tool result
+    # since its last user message is answered with a call of this tool, {"name", "arguments"},
+    # streamed or not as asked (finish_reason "tool_calls"); once a tool result is in, with
+    # `reply`. Requests without tools (the RAG chain's own) are answered with `reply` as usual.
+    tool_call: dict[str, Any] | None = None
     usage: dict[str, int] = field(
         default_factory=lambda: {
             "prompt_tokens": 100,
@@ -85,6 +108,20 @@ def tokens(text: str) -> list[str]:
     return parts
 
 
+def wants_tool_call(body: dict[str, Any], behaviour: Behaviour) -> bool:
+    """Whether this request gets `behaviour.tool_call`: it offers tools and no tool answered yet."""
+    if behaviour.tool_call is None or not body.get("tools"):
+        return False
+    roles = [m.get("role") for m in body.get("messages", [])]
+    last_user = max((i for i, role in enumerate(roles) if role == "user"), default=-1)
+    return "tool" not in roles[last_user + 1 :]
+
+
+def argument_pieces(arguments: str, size: int = 8) -> list[str]:
+    """A tool call's JSON arguments in pieces, as OpenAI streams them."""
+    return [arguments[i : i + size] for i in range(0, len(arguments), size)] or [""]
+
+
 def thinking_enabled(body: dict[str, Any]) -> bool:
     thinking = body.get("thinking")
     return isinstance(thinking, dict) and thinking.get("type") == "enabled"
@@ -102,7 +139,7 @@ class LLMServer:
 
     api_key = "test-key"
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.behaviour = Behaviour()
         self.requests: list[dict[str, Any]] = []
         self.sent: list[tuple[float, str]] = []
@@ -113,7 +150,7 @@ class LLMServer:
         self.max_streams_open = 0
         self._lock = threading.Lock()
         self._streams_changed = threading.Condition(self._lock)
-        self._httpd = QuietHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd = QuietHTTPServer(("127.0.0.1", port), self._handler())
         self._httpd.daemon_threads = True
         # `close()` waits up to one poll interval; the default 0.5 s adds up over per-test servers.
         self._thread = threading.Thread(
@@ -145,6 +182,25 @@ class LLMServer:
         self.release.set()
         self._httpd.shutdown()
         self._httpd.server_close()
+
+    def counts(self) -> dict[str, int]:
+        """How much it has observed since the last reset, and the streams open now."""
+        with self._lock:
+            return {
+                "requests": len(self.requests),
+                "sent": len(self.sent),
+                "streams_open": self.streams_open,
+                "max_streams_open": self.max_streams_open,
+                "disconnects": self.disconnects,
+            }
+
+    def observations(self, requests_from: int = 0, sent_from: int = 0) -> dict[str, Any]:
+        """The requests' arrival times and the content tokens sent, from these positions on."""
+        with self._lock:
+            return {
+                "requests": [{"received": r["received"]} for r in self.requests[requests_from:]],
+                "sent": self.sent[sent_from:],
+            }
 
     def wait_streams_closed(self, timeout: float) -> bool:
         """Wait until no streaming response is in progress; False on timeout."""
@@ -206,7 +262,14 @@ class LLMServer:
                 self.wfile.write(data)
 
             def do_GET(self) -> None:
-                if self.path.rstrip("/").endswith("/models"):
+                """`/v1/models`; `/control/counts`; `/control/observations?requests_from=N&sent_from=M`."""
+                path, _, query = self.path.partition("?")
+                if path == "/control/counts":
+                    self._json(200, server.counts())
+                elif path == "/control/observations":
+                    positions = {k: int(v) for k, v in (p.split("=", 1) for p in query.split("&") if p)}
+                    self._json(200, server.observations(**positions))
+                elif self.path.rstrip("/").endswith("/models"):
                     self._json(
                         200, {"object": "list", "data": [{"id": "deepseek-v4-flash", "object": "model"}]}
                     )
@@ -217,6 +280,12 @@ class LLMServer:
                 received = time.perf_counter()  # the request line and headers are in
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length) or b"{}")
+                if self.path == "/control/behaviour":
+                    # A fresh start with this behaviour (Behaviour's fields as JSON).
+                    server.reset()
+                    server.behaviour = Behaviour(**body)
+                    self._json(200, server.counts())
+                    return
                 server._record_request(
                     {"path": self.path, "headers": dict(self.headers), "body": body, "received": received}
                 )
@@ -228,7 +297,9 @@ class LLMServer:
                 if server._should_fail():
                     self._fail(server.behaviour)
                     return
-                if body.get("stream"):
+                if wants_tool_call(body, server.behaviour):
+                    self._tool_call(body, call_id=f"call_{len(server.requests)}")
+                elif body.get("stream"):
                     self._stream(body)
                 else:
                     self._plain(body)
@@ -263,6 +334,52 @@ class LLMServer:
                         "usage": b.usage,
                     },
                 )
+
+            def _tool_call(self, body: dict[str, Any], call_id: str) -> None:
+                b = server.behaviour
+                assert b.tool_call is not None
+                name, arguments = b.tool_call["name"], json.dumps(b.tool_call.get("arguments", {}))
+                function = {"name": name, "arguments": arguments}
+                if not body.get("stream"):
+                    call = {"id": call_id, "type": "function", "function": function}
+                    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+                    self._json(
+                        200,
+                        {
+                            "id": "chatcmpl-test",
+                            "object": "chat.completion",
+                            "created": int(time.time()),
+                            "model": body.get("model"),
+                            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+                            "usage": b.usage,
+                        },
+                    )
+                    return
+                base = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "model": body.get("model")}
+
+                def delta(call: dict[str, Any], **fields: Any) -> dict[str, Any]:
+                    return {**base, "choices": [{"index": 0, "delta": {**fields, "tool_calls": [call]}}]}
+
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                # The first chunk names the call, the next ones carry its arguments in pieces.
+                opening = {
+                    "index": 0,
+                    "id": call_id,
+                    "type": "function",
+                    "function": {**function, "arguments": ""},
+                }
+                self._event(delta(opening, role="assistant", content=None))
+                for piece in argument_pieces(arguments):
+                    self._event(delta({"index": 0, "function": {"arguments": piece}}))
+                self._event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    self._event({**base, "choices": [], "usage": b.usage})
+                self._event("[DONE]")
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
 
             def _chunk(self, data: bytes) -> None:
                 # The first write after the client closed usually still succeeds, so look first.
@@ -300,6 +417,11 @@ class LLMServer:
                 """Apply the fault due after `position` content tokens; True when the stream ends here."""
                 if b.drop_after == position:
                     self._drop()
+                    return True
+                if b.error_after == position:
+                    self._event({"error": {"message": "injected stream error", "type": "server_error"}})
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
                     return True
                 if b.keepalive_after == position:
                     self._hold(b, keepalive=True)
@@ -357,3 +479,28 @@ class LLMServer:
                 self.wfile.flush()
 
         return Handler
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve on loopback until terminated (SIGTERM or Ctrl-C)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--port", type=int, default=0, help="0: a free port")
+    parser.add_argument("--reply", default=Behaviour.reply, help="the answer every request gets")
+    parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between streamed tokens")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    server = LLMServer(port=args.port)
+    server.behaviour = Behaviour(reply=args.reply, token_delay=args.token_delay)
+    try:
+        print(json.dumps({"url": server.url, "api_key": server.api_key}), flush=True)
+        threading.Event().wait()  # until a signal ends the process
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    main()

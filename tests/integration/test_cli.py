@@ -63,7 +63,8 @@ def test_search_reads_queries_from_stdin_as_json_lines(cli_env: dict[str, str]) 
     assert [line["query"] for line in lines] == [QUESTION, "etcd pod pending"]
     assert all(len(line["results"]) == 2 for line in lines)
     assert SECTION in lines[0]["results"][0]["headers"]
-    assert set(lines[0]["results"][0]) == {"text", "source", "headers", "score"}
+    assert set(lines[0]["results"][0]) == {"text", "source", "headers", "page", "last_page", "score"}
+    assert lines[0]["results"][0]["page"] is None  # markdown has no pages
 
 
 def test_ask_streams_the_answer_then_sources(cli_env: dict[str, str], llm_server: LLMServer) -> None:
@@ -108,3 +109,37 @@ def test_errors_are_one_readable_line(
     assert len(lines) == 1 and lines[0].startswith("rag: error:"), result.stderr
     assert expected in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_each_verb_takes_a_knowledge_base(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """`--kb hr` reads and writes the collection of hr only; the default one is untouched."""
+    env = {**cli_env, "RAG_KNOWLEDGE_BASES": "hr,eng"}
+    (tmp_path / "leave.md").write_text("# Leave\n\n## Paid leave\n\nEach employee gets 30 days off.\n")
+    ingested = run(["ingest", str(tmp_path), "--kb", "hr", "--json"], env)
+    assert ingested.returncode == 0, ingested.stderr
+    assert json.loads(ingested.stdout)["total_chunks"] == 1
+
+    hr = json.loads(run(["stats", "--kb", "hr", "--json"], env).stdout)
+    default = json.loads(run(["stats", "--json"], env).stdout)
+    assert (hr["knowledge_base"], hr["sources"], hr["total_chunks"]) == ("hr", ["leave.md"], 1)
+    assert hr["collection"] == "rag_docs_hr" and hr["knowledge_bases"] == ["default", "hr", "eng"]
+    assert default["knowledge_base"] == "default" and default["total_chunks"] == int(cli_env["FAQ_CHUNKS"])
+    assert "leave.md" not in default["sources"]
+    listed = run(["stats", "--kb", "eng"], env).stdout.splitlines()
+    assert "knowledge_base   eng" in listed and "knowledge_bases  default, hr, eng" in listed
+
+    found = run(["search", "paid leave", "--kb", "hr", "--json"], env)
+    assert [r["source"] for r in json.loads(found.stdout)["results"]] == ["leave.md"]
+    nothing = run(["search", "paid leave", "--kb", "eng", "--json"], env)
+    assert json.loads(nothing.stdout)["results"] == []
+
+    unknown = run(["search", "paid leave", "--kb", "payroll"], env)
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip() == (
+        "rag: error: no knowledge base 'payroll'; there are default, hr, eng (RAG_KNOWLEDGE_BASES)"
+    )
+    bad = run(["stats"], {**env, "RAG_KNOWLEDGE_BASES": "hr,Eng"})
+    assert bad.returncode == 2 and bad.stderr.startswith(
+        "rag: error: invalid configuration (RAG_KNOWLEDGE_BASES): "
+        "Value error, 'Eng' is not a knowledge base name"
+    )

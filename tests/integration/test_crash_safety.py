@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from loaders.markdown import Chunker, chunk_id, token_counter
+from loaders.markdown import Chunker, token_counter
 from loaders.sources import DocumentSourceLoader
 from store.embeddings import load_tokenizer, packaged_minilm_path
 from store.milvus import PRIMARY_FIELD, make_store
@@ -91,11 +91,9 @@ def test_kill_9_during_ingest_then_rerun_matches_a_clean_ingest(
     # What a clean ingest stores: ids are content hashes, so they can be computed directly.
     chunker = Chunker(token_counter(load_tokenizer(packaged_minilm_path())), settings.chunk_tokens)
     expected_rows = sorted(
-        (chunk_id(doc.metadata["root"], chunk), chunk.metadata["source"], chunk.metadata["chunk_index"])
+        (chunk.id, chunk.metadata["source"], chunk.metadata["chunk_index"])
         for doc in DocumentSourceLoader([str(folder)]).lazy_load()
-        for chunk in chunker.chunks(
-            doc.metadata["source"], doc.page_content, extra={"root": doc.metadata["root"]}
-        )
+        for chunk in chunker.split_document(doc)
     )
     expected = (len(expected_rows), expected_rows)
 

@@ -5,6 +5,7 @@ deadlines, empty answers, dropped connections, clients that leave)."""
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,6 @@ def limits(settings: Settings, **update: Any) -> Settings:
 async def test_stream_sends_sources_then_tokens_then_usage(
     faq_db: Settings, embeddings: Any, llm_server: LLMServer
 ) -> None:
-    # Paced as DeepSeek streams, so that tokens arrive one by one (a burst arrives joined).
-    llm_server.behaviour.token_delay = 0.02
     async with asgi_client(with_llm(faq_db, llm_server), embeddings) as client:
         events = await stream(client, {"input": {"question": QUESTION}})
 
@@ -201,10 +200,10 @@ async def test_a_dropped_stream_is_not_retried_after_tokens(
     data = [d for name, d in events if name == "data"]
     answers = [d["answer"] for d in data if "answer" in d]
     assert "".join(answers) == "".join(tokens(llm_server.behaviour.reply)[:2])
+    # The chain's last chunk says why; LangServe's error event that follows is a generic 500.
     assert data[-1]["error"]["status_code"] == 502
-    name, reason = events[-1]
-    assert name == "error" and reason["status_code"] == 502
-    assert "DeepSeek" in reason["message"]  # the real reason, not LangServe's generic one
+    assert "connection to DeepSeek broke in the middle of the answer" in data[-1]["error"]["message"]
+    assert events[-1][0] == "error"
     assert len(llm_server.requests) == 1
 
 
@@ -215,8 +214,9 @@ async def test_keep_alive_stall_ends_in_an_error_event(
     settings = limits(with_llm(faq_db, llm_server), deepseek_stall_timeout=0.5)
     async with asgi_client(settings, embeddings) as client:
         events = await stream(client, {"input": {"question": QUESTION}})
-    name, reason = events[-1]
-    assert name == "error" and reason["status_code"] == 504 and "stalled" in reason["message"]
+    reason = events[-2][1]["error"]
+    assert reason["status_code"] == 504 and "stalled" in reason["message"]
+    assert events[-1][0] == "error"
     answers = [d["answer"] for n, d in events if n == "data" and "answer" in d]
     assert "".join(answers) == "".join(tokens(llm_server.behaviour.reply)[:3])
     assert llm_server.disconnected.wait(10)  # and the upstream request was closed
@@ -239,8 +239,8 @@ async def test_an_empty_answer_is_an_error_event(
     llm_server.behaviour.reply = ""
     async with asgi_client(with_llm(faq_db, llm_server), embeddings) as client:
         events = await stream(client, {"input": {"question": QUESTION}})
-    name, reason = events[-1]
-    assert name == "error" and "empty answer" in reason["message"]
+    assert "empty answer" in events[-2][1]["error"]["message"]
+    assert events[-1][0] == "error"
 
 
 async def test_a_client_that_leaves_cancels_the_upstream_request(
@@ -271,10 +271,32 @@ def test_remote_runnable_gets_the_reason_of_a_failed_stream(
     with serve_in_thread(app) as url:
         chain: RemoteRunnable = RemoteRunnable(f"{url}/rag/")
         chunks: list[dict[str, Any]] = []
-        with pytest.raises(Exception, match="connection to DeepSeek broke in the middle of the answer"):
+        with pytest.raises(httpx.HTTPStatusError, match="Internal Server Error"):  # LangServe's event
             for chunk in chain.stream({"question": QUESTION}):
                 chunks.append(chunk)
     assert chunks[-1]["error"]["status_code"] == 502
+    assert "connection to DeepSeek broke in the middle of the answer" in chunks[-1]["error"]["message"]
+
+
+def test_a_stream_that_fails_mid_answer_ends_as_a_complete_response(
+    faq_db: Settings, embeddings: Any, llm_server: LLMServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    llm_server.behaviour.drop_after = 2
+    settings = with_llm(faq_db, llm_server)
+    app = create_app(service=faq_service(settings, embeddings, llm=make_llm(settings)))
+    with serve_in_thread(app) as url, caplog.at_level(logging.WARNING):
+        # A truncated body (a connection dropped by the server) would raise RemoteProtocolError.
+        with httpx.stream("POST", f"{url}/rag/stream", json={"input": {"question": QUESTION}}) as response:
+            body = "".join(response.iter_text())
+        again = httpx.post(f"{url}/rag/invoke", json={"input": {"question": QUESTION}})
+    events = sse_events(body)
+    assert events[-2][1]["error"]["status_code"] == 502 and events[-1][0] == "error"
+    assert again.status_code == 502 and "DeepSeek" in again.json()["detail"]
+    # One line for the failed stream, with its reason; no traceback.
+    failed = [r for r in caplog.records if r.name == "server"]
+    assert [r.levelname for r in failed] == ["WARNING"]
+    assert "POST /rag/stream ended with an error: the connection to DeepSeek broke" in failed[0].getMessage()
+    assert failed[0].exc_info is None
 
 
 # --- safety ------------------------------------------------------------------------------

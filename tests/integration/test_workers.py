@@ -16,12 +16,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from errors import StoreError
 from settings import Settings
-from workers import free_port, settings_environment
+from workers import LiteServer, free_port, settings_environment
 
 pytestmark = pytest.mark.integration
 
@@ -33,8 +36,8 @@ DOCS = {
 }
 QUERIES = {"Which animal has stripes?": "zebras.md", "Which birds cannot fly?": "penguins.md"}
 STORE_LINE = re.compile(r"store: milvus-lite server \(pid (\d+)\) on http://127\.0\.0\.1:(\d+)")
-WORKER_READY = re.compile(r"\[(\d+)\] Application startup complete")
-RETRIEVAL_LOGGED = re.compile(r"\[(\d+)\] .*\"POST /retriever/invoke HTTP/1\.1\" 200")
+# With RAG_LOG_FORMAT=json every log line is a JSON object; the server logs "ready" at start-up.
+LOG_LINE = re.compile(r"^\{.*\}$")
 STARTUP_TIMEOUT = 180  # two workers each load PyTorch and the model; CI machines may be small
 
 
@@ -96,6 +99,18 @@ class Output:
                 pytest.fail(f"the process ended before {pattern.pattern!r}:\n" + "\n".join(self.lines))
             self.lines.append(line)
 
+    def until_end(self, timeout: float = 30) -> list[str]:
+        """Everything printed, once the process has closed its output."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail("the process's output did not end in time:\n" + "\n".join(self.lines))
+            if line is None:
+                return self.lines
+            self.lines.append(line)
+
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
@@ -105,10 +120,41 @@ def env(tmp_path: Path) -> dict[str, str]:
     return {**keep, "MILVUS_URI": str(tmp_path / "store.db"), "HF_HUB_OFFLINE": "1"}
 
 
-def retrieve(base: str, query: str) -> str:
-    response = httpx.post(f"{base}/retriever/invoke", json={"input": query}, timeout=60)
+def retrieve(base: str, query: str, request_id: str) -> str:
+    response = httpx.post(
+        f"{base}/retriever/invoke", json={"input": query}, headers={"X-Request-ID": request_id}, timeout=60
+    )
     assert response.status_code == 200, response.text
+    assert response.headers["X-Request-ID"] == request_id
     return str(response.json()["output"][0]["metadata"]["source"])
+
+
+def log_records(output: Output, count: int, where: Any, timeout: float = 30) -> list[dict[str, Any]]:
+    """The first `count` JSON log records for which `where(record)` holds, waiting for them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = [json.loads(line) for line in output.lines if LOG_LINE.match(line)]
+        chosen = [r for r in records if where(r)]
+        if len(chosen) >= count:
+            return chosen[:count]
+        output.wait_for(LOG_LINE, count=len(records) + 1, timeout=max(0.1, deadline - time.monotonic()))
+
+
+def is_ready(record: dict[str, Any]) -> bool:
+    return bool(record["logger"] == "server" and record["message"] == "ready")
+
+
+def scrape(
+    base: str, headers: dict[str, str] | None = None
+) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """GET /metrics, as Prometheus would: {(sample name, labels): value}."""
+    response = httpx.get(f"{base}/metrics", headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
 
 
 def serve_two_workers(env: dict[str, str], port: int) -> tuple[subprocess.Popen[str], Output]:
@@ -133,7 +179,9 @@ def kill_leftovers(serve: subprocess.Popen[str], store_pid: int) -> None:
         os.kill(store_pid, signal.SIGKILL)
 
 
-def test_workers_share_the_ingested_lite_store_and_stop_it(tmp_path: Path, env: dict[str, str]) -> None:
+def test_workers_share_the_ingested_lite_store_and_their_metrics_and_stop_it(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
     docs = tmp_path / "docs"
     docs.mkdir()
     for name, text in DOCS.items():
@@ -144,14 +192,18 @@ def test_workers_share_the_ingested_lite_store_and_stop_it(tmp_path: Path, env: 
     assert ingest.returncode == 0, ingest.stderr
     assert json.loads(ingest.stdout)["total_chunks"] == 2
 
+    temp = tmp_path / "tmp"  # where `rag serve` makes its metrics directory
+    temp.mkdir()
     port = free_port()
-    serve, output = serve_two_workers(env, port)
+    serve, output = serve_two_workers({**env, "RAG_LOG_FORMAT": "json", "TMPDIR": str(temp)}, port)
     store_pid = 0
     try:
         store = output.wait_for(STORE_LINE)[0]
         store_pid, store_port = int(store[1]), int(store[2])
-        workers = {int(m[1]) for m in output.wait_for(WORKER_READY, count=2, timeout=STARTUP_TIMEOUT)}
+        ready = log_records(output, 2, is_ready, STARTUP_TIMEOUT)
+        workers = {r["process"] for r in ready}
         assert len(workers) == 2 and store_pid not in workers
+        assert len(list(temp.glob("rag-metrics-*"))) == 1
 
         base = f"http://127.0.0.1:{port}"
         health = httpx.get(f"{base}/health", timeout=30)
@@ -160,18 +212,32 @@ def test_workers_share_the_ingested_lite_store_and_stop_it(tmp_path: Path, env: 
 
         # Both workers accept on one socket; which one answers is the kernel's choice, so
         # send rounds of concurrent requests (each on its own connection) until both have.
-        sent = 0
+        # The access log line of each request carries its id and the worker's process id.
+        sent: list[str] = []
         served_by: set[int] = set()
         with ThreadPoolExecutor(max_workers=8) as pool:
-            for _ in range(5):
+            for round_ in range(5):
                 queries = list(QUERIES) * 4
-                sources = list(pool.map(lambda q: retrieve(base, q), queries))
+                ids = [f"round{round_}-{n}" for n in range(len(queries))]
+                sources = list(pool.map(lambda q, i: retrieve(base, q, i), queries, ids))
                 assert sources == [QUERIES[q] for q in queries]
-                sent += len(queries)
-                served_by = {int(m[1]) for m in output.wait_for(RETRIEVAL_LOGGED, count=sent)}
+                sent += ids
+                ours = set(sent)
+                access = log_records(output, len(sent), lambda r, ours=ours: r["request_id"] in ours)
+                assert {r["request_id"] for r in access} == set(sent)
+                served_by = {r["process"] for r in access}
                 if len(served_by) == 2:
                     break
         assert served_by == workers
+
+        # Whichever worker answers the scrape, it reports both workers' requests.
+        labels = {("method", "POST"), ("route", "/retriever/invoke"), ("status", "200"), ("kb", "default")}
+        retrievals = ("rag_http_requests_total", frozenset(labels))
+        for _ in range(4):
+            metrics = scrape(base)
+            assert metrics[retrievals] == len(sent)
+            assert metrics[("rag_retrieval_duration_seconds_count", frozenset())] == len(sent)
+            assert metrics[("rag_store_chunks", frozenset({("kb", "default")}))] == 2
 
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0, "\n".join(output.lines)
@@ -179,6 +245,10 @@ def test_workers_share_the_ingested_lite_store_and_stop_it(tmp_path: Path, env: 
             assert not alive(pid), f"process {pid} outlived `rag serve`"
         assert not port_open(store_port) and not port_open(port)
         assert not any("Traceback" in line for line in output.lines), "\n".join(output.lines)
+        assert not list(temp.glob("rag-metrics-*")), "the metrics directory outlived `rag serve`"
+        printed = [line for line in output.lines if not LOG_LINE.match(line)]
+        assert len(printed) == 2 and STORE_LINE.match(printed[1]), printed  # "serving on ...", "store: ..."
+        assert all(isinstance(json.loads(line), dict) for line in output.lines if LOG_LINE.match(line))
     finally:
         kill_leftovers(serve, store_pid)
 
@@ -247,3 +317,28 @@ def test_settings_reach_the_workers_through_the_environment(monkeypatch: pytest.
     expected = settings.model_copy(update={"milvus_uri": "http://127.0.0.1:1234"})
     assert worker.model_dump() == expected.model_dump()
     assert worker.deepseek_api_key is not None and worker.deepseek_api_key.get_secret_value() == "sk-test"
+
+
+def test_a_store_that_cannot_start_says_why(tmp_path: Path) -> None:
+    data = tmp_path / "not-a-directory.db"
+    data.write_text("")
+    with pytest.raises(StoreError, match=r"could not serve .*not-a-directory\.db: FileExistsError"):
+        LiteServer.start(data, timeout=60)
+
+
+def running_with_argument(argument: str) -> list[int]:
+    """Process ids whose command line has `argument` (Linux /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if argument in cmdline.read_bytes().decode(errors="replace").split("\0"):
+                found.append(int(cmdline.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_store_that_does_not_answer_in_time_is_stopped(tmp_path: Path) -> None:
+    data = tmp_path / "store.db"
+    with pytest.raises(StoreError, match=r"did not answer within 0 s"):
+        LiteServer.start(data, timeout=0)
+    assert not running_with_argument(str(data)), "the milvus-lite server was left running"

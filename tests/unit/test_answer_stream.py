@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
@@ -10,7 +12,7 @@ from langchain_core.messages import AIMessage, HumanMessage
 
 from chains.prompts import CONDENSE_SYSTEM_PROMPT, SYSTEM_PROMPT
 from chains.rag import AnswerPolicy, build_chat_chain, build_rag_chain
-from errors import LLMError, LLMTimeoutError
+from errors import LLMError, LLMTimeoutError, StoreError
 from tests.unit.fakes import FAQ_DOCS, FixedRetriever, RecordingChat, openai_http
 
 QUESTION = "Where does Milvus store data?"
@@ -20,7 +22,10 @@ USAGE = {
     "total_tokens": 129,
     "input_token_details": {"cache_read": 96},
 }
-FAST = AnswerPolicy(deadline=5.0, stall_timeout=0.2, max_retries=2, retry_backoff=0.0)
+# No waiting between retries, and limits that only tests of the limits reach: a stall limit of
+# a fraction of a second was hit by a garbage collection pause on a busy machine.
+FAST = AnswerPolicy(deadline=10.0, stall_timeout=10.0, max_retries=2, retry_backoff=0.0)
+QUICK_STALL = AnswerPolicy(deadline=10.0, stall_timeout=0.2, max_retries=2, retry_backoff=0.0)
 
 
 def status_error(status: int, headers: dict[str, str] | None = None) -> openai.APIStatusError:
@@ -114,6 +119,45 @@ async def test_without_llm_history_widens_the_search() -> None:
     assert retriever.queries == [f"{QUESTION}\nand how do I change it?"]
 
 
+@pytest.mark.parametrize(("configurable", "thinking"), [(None, "disabled"), ({"thinking": True}, "enabled")])
+async def test_the_answer_thinks_only_when_the_request_asks(
+    configurable: dict[str, Any] | None, thinking: str
+) -> None:
+    llm = RecordingChat()
+    chain = chain_with(llm)
+    history = [("human", QUESTION), ("ai", "In MinIO or S3 [1].")]
+    config = {"configurable": configurable} if configurable else None
+
+    await collect(chain, {"question": "and then?", "chat_history": history}, **(config or {}))
+
+    condense, answer = llm.call_kwargs
+    assert condense["extra_body"] == {"thinking": {"type": "disabled"}}  # never needed to rewrite
+    assert answer["extra_body"] == {"thinking": {"type": thinking}}
+
+
+def test_thinking_is_a_setting_of_the_chain_only_with_a_model() -> None:
+    with_model = {s.id: s for s in chain_with(RecordingChat()).config_specs}
+    assert with_model["thinking"].annotation is bool and with_model["thinking"].default is False
+    offline = build_rag_chain(FixedRetriever(documents=FAQ_DOCS), None)
+    assert "thinking" not in {s.id for s in offline.config_specs}
+
+
+async def test_a_failure_before_any_chunk_still_streams_its_reason() -> None:
+    class Down(FixedRetriever):
+        def _get_relevant_documents(self, query: str, *, run_manager: Any = None) -> list[Any]:
+            raise StoreError("cannot reach Milvus at http://milvus.invalid:19530")
+
+    chunks: list[dict[str, Any]] = []
+    with pytest.raises(StoreError):
+        async for chunk in build_rag_chain(Down(), RecordingChat(), policy=FAST).astream(
+            {"question": QUESTION}
+        ):
+            chunks.append(chunk)
+    assert chunks == [
+        {"error": {"status_code": 503, "message": "cannot reach Milvus at http://milvus.invalid:19530"}}
+    ]
+
+
 @pytest.mark.parametrize("status", [429, 500, 503])
 async def test_retries_before_the_first_token(status: int) -> None:
     llm = RecordingChat(failures=[status_error(status), status_error(status)])
@@ -174,7 +218,7 @@ async def test_a_stalled_stream_ends_with_a_timeout_error() -> None:
     llm = RecordingChat(stall_after=2)
     chunks: list[dict[str, Any]] = []
     with pytest.raises(LLMTimeoutError, match="stalled"):
-        async for chunk in chain_with(llm).astream({"question": QUESTION}):
+        async for chunk in chain_with(llm, QUICK_STALL).astream({"question": QUESTION}):
             chunks.append(chunk)
     assert [c["answer"] for c in chunks if "answer" in c] == ["Milvus ", "stores "]
     assert chunks[-1]["error"]["status_code"] == 504
@@ -198,8 +242,8 @@ async def test_an_empty_answer_is_an_error() -> None:
 
 def test_sync_stream_enforces_the_same_limits() -> None:
     llm = RecordingChat(stall_after=1)
-    with pytest.raises(LLMTimeoutError):
-        list(chain_with(llm).stream({"question": QUESTION}))
+    with pytest.raises(LLMTimeoutError, match="stalled"):
+        list(chain_with(llm, QUICK_STALL).stream({"question": QUESTION}))
 
 
 async def test_chat_chain_streams_text_with_sources_under_it() -> None:
@@ -266,3 +310,52 @@ def test_temperature_outside_0_to_2_is_refused(temperature: float) -> None:
     with pytest.raises(InputError, match="temperature"):
         chain.invoke({"question": QUESTION})
     assert llm.calls == []
+
+
+async def test_the_model_stream_is_closed_to_the_end_when_its_reader_is_cancelled_again_and_again() -> None:
+    # A client that leaves: anyio cancels the answering task again and again until it is done.
+    # The model's stream, whose close is what closes the request to DeepSeek, must still close.
+    from chains.rag import ReadInTask
+
+    first_read, closed = asyncio.Event(), asyncio.Event()
+
+    async def model_stream() -> AsyncIterator[str]:
+        try:
+            yield "Milvus "
+            await asyncio.Event().wait()  # an upstream that goes silent
+        finally:
+            for _ in range(5):  # a close that takes a few turns of the loop, as a socket's does
+                await asyncio.sleep(0)
+            closed.set()
+
+    async def answer() -> None:
+        async with ReadInTask(model_stream()) as stream:
+            assert await stream.next() == "Milvus "
+            first_read.set()
+            await stream.next()
+
+    task = asyncio.create_task(answer())
+    await first_read.wait()
+    while not task.done():
+        task.cancel()
+        await asyncio.sleep(0)  # one turn of the loop between cancellations, as anyio does
+    await asyncio.wait_for(closed.wait(), 5)
+
+
+async def test_read_in_task_hands_over_items_the_end_and_errors() -> None:
+    from chains.rag import ReadInTask
+
+    async def items() -> AsyncIterator[int]:
+        yield 1
+        yield 2
+
+    async def failing() -> AsyncIterator[int]:
+        yield 1
+        raise LLMError("broken")
+
+    async with ReadInTask(items()) as stream:
+        assert [await stream.next(), await stream.next(), await stream.next()] == [1, 2, None]
+    async with ReadInTask(failing()) as stream:
+        assert await stream.next() == 1
+        with pytest.raises(LLMError, match="broken"):
+            await stream.next()

@@ -224,7 +224,7 @@ def test_search_prints_ranked_results(search_service: Any) -> None:
     ]
     lines = out.splitlines()
     assert lines[0] == "? where is data stored"
-    assert lines[1] == "[1] 0.910  faq/product_faq.md  Product FAQ > Where does Milvus store data?"
+    assert lines[1] == "[1] 0.910  faq/product_faq.md — Product FAQ > Where does Milvus store data?"
     assert "Inserted data are stored in MinIO or S3." in lines[2]
     assert any(line.startswith("[2] 0.420  faq/operational_faq.md") for line in lines)
     assert search_service.closed == 1
@@ -240,6 +240,8 @@ def test_search_json_reads_queries_from_stdin(search_service: Any, monkeypatch: 
         "text": FAQ_DOCS[0].page_content,
         "source": "faq/product_faq.md",
         "headers": ["Product FAQ", "Where does Milvus store data?"],
+        "page": None,
+        "last_page": None,
         "score": 0.91,
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,15 +15,28 @@ REPO = Path(__file__).resolve().parents[2]
 LAYERS = {
     "settings": 0,
     "errors": 0,
+    "api_keys": 0,
     "loaders": 1,
     "store": 2,
     "chains": 3,
     "service": 4,
     "openai_api": 4,
+    "pages": 4,
     "server": 4,
     "workers": 4,
+    "observability": 4,
     "cli": 4,
+    "mcp_server": 4,
+    "documents_api": 4,
+    "limits": 4,
+    "access": 4,
 }
+
+
+def test_every_module_of_the_project_has_a_layer() -> None:
+    shipped = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert set(shipped["py-modules"]) | set(shipped["packages"]) == set(LAYERS)
+    assert {p.stem for p in REPO.glob("*.py")} <= set(LAYERS)
 
 
 def top_package(path: Path) -> str:
@@ -66,16 +80,25 @@ def test_importing_every_module_reads_no_settings_and_touches_no_environment() -
         "loaders.markdown",
         "loaders.sources",
         "store.milvus",
+        "store.lite_file",
         "store.indexing",
         "store.embeddings",
         "chains.retrieval",
         "chains.rag",
         "chains.llm",
+        "chains.tools",
         "service",
         "openai_api",
+        "pages",
         "server",
+        "observability",
         "cli",
         "workers",
+        "mcp_server",
+        "api_keys",
+        "access",
+        "documents_api",
+        "limits",
     ]
     script = (
         "import os, sys\n"
@@ -92,3 +115,22 @@ def test_importing_every_module_reads_no_settings_and_touches_no_environment() -
         [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def bench_files() -> list[Path]:
+    return sorted((REPO / "bench").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", bench_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_benchmarks_import_nothing_from_the_tests(path: Path) -> None:
+    """bench/ runs the tests' LLM server as a program (python tests/llm_server.py), never imports it."""
+    assert "tests" not in project_imports(path), f"{path.relative_to(REPO)} imports from tests/"
+
+
+def test_the_import_check_sees_an_import_of_the_tests_anywhere(tmp_path: Path) -> None:
+    # So that the check above cannot pass for want of looking.
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os\n\ndef upstream():\n    from tests.llm_server import LLMServer\n")
+    assert project_imports(probe) == {"tests"}
+    probe.write_text("import tests.llm_server as upstream\n")
+    assert project_imports(probe) == {"tests"}

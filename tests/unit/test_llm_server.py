@@ -4,9 +4,12 @@ clients over loopback HTTP."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -297,3 +300,63 @@ def test_reset_clears_the_observations(server: LLMServer, client: openai.OpenAI)
     assert server.sent == [] and server.requests == [] and server.disconnects == 0
     assert not server.disconnected.is_set() and server.max_streams_open == 0
     assert server.behaviour.keepalive_after is None
+
+
+@pytest.mark.parametrize("error_after", [0, 2])
+def test_error_after_n_tokens_is_an_error_event(
+    server: LLMServer, client: openai.OpenAI, error_after: int
+) -> None:
+    server.behaviour.reply = "a b c d"
+    server.behaviour.error_after = error_after
+    received: list[str] = []
+    with pytest.raises(openai.APIError, match="injected stream error") as raised:
+        for chunk in client.chat.completions.create(model="m", messages=MESSAGES, stream=True):
+            received.extend(contents([chunk]))
+    assert not isinstance(raised.value, openai.APIConnectionError)  # a whole body, with the error in it
+    assert received == ["a ", "b ", "c ", "d"][:error_after]
+    assert (
+        client.chat.completions.create(model="m", messages=MESSAGES).choices[0].message.content == "a b c d"
+    )
+
+
+def test_runs_as_a_process_controlled_over_http() -> None:
+    """The way benchmarks use it: `python tests/llm_server.py`, then its /control routes."""
+    script = Path(__file__).resolve().parents[1] / "llm_server.py"
+    process = subprocess.Popen(
+        [sys.executable, str(script), "--reply", "one two", "--token-delay", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        started = json.loads(process.stdout.readline())
+        url, api_key = started["url"], started["api_key"]
+        root = url.removesuffix("/v1")
+        with openai.OpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=10) as client:
+            first = stream_chunks(client)
+            assert "".join(contents(first)) == "one two"
+
+            counts = httpx.post(f"{root}/control/behaviour", json={"reply": "three four five"}).json()
+            assert counts == {
+                "requests": 0,
+                "sent": 0,
+                "streams_open": 0,
+                "max_streams_open": 0,
+                "disconnects": 0,
+            }
+            before = time.perf_counter()
+            assert "".join(contents(stream_chunks(client))) == "three four five"
+            assert client.chat.completions.create(model="m", messages=MESSAGES).choices[
+                0
+            ].message.content == ("three four five")
+
+        counts = httpx.get(f"{root}/control/counts").json()
+        assert (counts["requests"], counts["sent"], counts["max_streams_open"]) == (2, 3, 1)
+        seen = httpx.get(f"{root}/control/observations", params={"requests_from": 1, "sent_from": 1}).json()
+        assert [token for _, token in seen["sent"]] == ["four ", "five"]
+        assert len(seen["requests"]) == 1
+        # One clock for both processes (perf_counter is CLOCK_MONOTONIC on Linux).
+        assert before < seen["sent"][0][0] < seen["requests"][0]["received"] < time.perf_counter()
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0

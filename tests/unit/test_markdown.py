@@ -8,12 +8,15 @@ from typing import Any
 
 import pytest
 from langchain_core.documents import Document
+from langchain_text_splitters import MarkdownHeaderTextSplitter
 
 from loaders.markdown import (
     Chunker,
     chunk_id,
+    citation,
     heading_path,
     naive_chunks,
+    page_mark,
     split_front_matter,
     split_sections,
     token_counter,
@@ -248,36 +251,66 @@ def test_word_estimate_without_tokenizer() -> None:
 # --- ids ------------------------------------------------------------------------------
 
 
-def _doc(text: str = "A > B\n\nbody", source: str = "a.md", index: int = 0) -> Document:
-    return Document(
-        page_content=text, metadata={"source": source, "headers": ["A", "B"], "chunk_index": index}
-    )
-
-
-def test_chunk_id_is_deterministic_and_content_addressed() -> None:
-    base = chunk_id("/kb", _doc())
-    assert base == chunk_id("/kb", _doc())
+def test_chunk_id_is_deterministic_and_keyed_on_the_source() -> None:
+    base = chunk_id("/kb", "a.md", "hash-1", "2:240", 0)
+    assert base == chunk_id("/kb", "a.md", "hash-1", "2:240", 0)
     assert re.fullmatch(r"[0-9a-f]{40}", base)
     variants = {
-        chunk_id("/kb", _doc(text="A > B\n\nbody changed")),
-        chunk_id("/kb", _doc(source="b.md")),
-        chunk_id("/other", _doc()),
-        chunk_id("/kb", _doc(index=1)),
+        chunk_id("/kb", "a.md", "hash-2", "2:240", 0),  # the file changed
+        chunk_id("/kb", "b.md", "hash-1", "2:240", 0),
+        chunk_id("/other", "a.md", "hash-1", "2:240", 0),
+        chunk_id("/kb", "a.md", "hash-1", "3:240", 0),  # the chunking changed on purpose
+        chunk_id("/kb", "a.md", "hash-1", "2:120", 0),  # another size cap
+        chunk_id("/kb", "a.md", "hash-1", "2:240", 1),
     }
     assert base not in variants
-    assert len(variants) == 4
+    assert len(variants) == 6
 
 
 def test_chunk_id_parts_cannot_run_into_each_other() -> None:
-    assert chunk_id("/kb", _doc(source="ab.md")) != chunk_id("/kba", _doc(source="b.md"))
+    assert chunk_id("/kb", "ab.md", "h", "v", 0) != chunk_id("/kba", "b.md", "h", "v", 0)
+    assert chunk_id("/kb", "a.md", "h1", "v", 0) != chunk_id("/kb", "a.md", "h", "1v", 0)
+
+
+def _loaded(text: str, source: str = "p.md") -> Document:
+    return Document(page_content=text, metadata={"source": source, "root": "/r", "format": "markdown"})
 
 
 def test_chunk_ids_of_a_file_are_stable_across_runs(faq_dir: Path, tokenizer: Any) -> None:
-    text = (faq_dir / "performance_faq.md").read_text(encoding="utf-8")
-    first = [chunk_id("/r", c) for c in Chunker(token_counter(tokenizer)).chunks("p.md", text)]
-    second = [chunk_id("/r", c) for c in Chunker(token_counter(tokenizer)).chunks("p.md", text)]
+    document = _loaded((faq_dir / "performance_faq.md").read_text(encoding="utf-8"))
+    first = [c.id for c in Chunker(token_counter(tokenizer)).split_document(document)]
+    second = [c.id for c in Chunker(token_counter(tokenizer)).split_document(document)]
     assert first == second
     assert len(set(first)) == len(first)
+
+
+class UpgradedSplitter(MarkdownHeaderTextSplitter):
+    """A langchain-text-splitters release that joins a section's blocks differently."""
+
+    def split_text(self, text: str) -> list[Document]:
+        return [
+            Document(page_content=d.page_content.replace("  \n", "\n"), metadata=d.metadata)
+            for d in super().split_text(text)
+        ]
+
+
+def test_a_splitter_upgrade_changes_chunk_text_but_not_chunk_ids(
+    faq_dir: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    document = _loaded((faq_dir / "product_faq.md").read_text(encoding="utf-8"))
+    chunker = Chunker(token_counter(tokenizer))
+    before = chunker.split_document(document)
+    monkeypatch.setattr("loaders.markdown.MarkdownHeaderTextSplitter", UpgradedSplitter)
+    after = chunker.split_document(document)
+    assert [c.page_content for c in after] != [c.page_content for c in before], "the upgrade shows"
+    assert [c.id for c in after] == [c.id for c in before]
+
+
+def test_a_changed_file_gets_new_ids_for_its_chunks(tokenizer: Any) -> None:
+    chunker = Chunker(token_counter(tokenizer))
+    old = chunker.split_document(_loaded("# A\n\nalpha\n\n# B\n\nbeta\n"))
+    new = chunker.split_document(_loaded("# A\n\nalpha\n\n# B\n\nbeta, edited\n"))
+    assert not {c.id for c in old} & {c.id for c in new}
 
 
 # --- the tutorial's baseline ----------------------------------------------------------
@@ -309,3 +342,59 @@ def test_link_targets_and_html_are_dropped_from_prose_but_not_from_code() -> Non
         '<div class="note"><a href="https://example.com">[x](y)</a></div>\n<!-- kept in code -->'
         in section.body
     )
+
+
+# --- pages and citations ----------------------------------------------------------------
+
+
+def test_paged_text_gives_each_chunk_its_first_and_last_page() -> None:
+    text = (
+        "# Guide\n\nIntro on page one.\n\n## Spans\n\nStarts on page one\n"
+        + page_mark(2)
+        + "\nand ends on page two.\n"
+        + page_mark(3)
+        + "\n## Later\n\nAll on page three.\n"
+    )
+    chunks = Chunker(token_counter(None)).chunks("g.pdf", text, paged=True)
+    found = {tuple(c.metadata["headers"]): (c.metadata["page"], c.metadata["last_page"]) for c in chunks}
+    assert found == {("Guide",): (1, 1), ("Guide", "Spans"): (1, 2), ("Guide", "Later"): (3, 3)}
+    assert not any("\u27e6" in c.page_content for c in chunks), "page marks never reach the text"
+    assert "Starts on page one\n\nand ends on page two." in chunks[1].page_content
+
+
+def test_long_paged_sections_split_with_pages_per_piece() -> None:
+    pages = [f"Paragraph {n} " + "word " * 60 for n in range(1, 5)]
+    text = "# Long\n\n" + "\n\n".join(
+        (f"{page_mark(n)}\n" if n > 1 else "") + body for n, body in enumerate(pages, start=1)
+    )
+    chunks = Chunker(token_counter(None), max_tokens=100).chunks("l.pdf", text, paged=True)
+    assert len(chunks) >= 4
+    assert chunks[0].metadata["page"] == 1 and chunks[-1].metadata["last_page"] == 4
+    for chunk in chunks:
+        numbers = [int(n) for n in re.findall(r"Paragraph (\d)", chunk.page_content)]
+        assert chunk.metadata["page"] <= chunk.metadata["last_page"]
+        for number in numbers:  # each paragraph is on its own page
+            assert chunk.metadata["page"] <= number <= chunk.metadata["last_page"]
+
+
+def test_unpaged_chunks_have_no_pages() -> None:
+    (chunk,) = Chunker(token_counter(None)).chunks("a.md", "# A\n\ntext\n")
+    assert chunk.metadata["page"] is None and chunk.metadata["last_page"] is None
+
+
+@pytest.mark.parametrize(
+    ("page", "last_page", "expected"),
+    [
+        (3, 3, "file.pdf p. 3 — Heading > Sub"),
+        (3, None, "file.pdf p. 3 — Heading > Sub"),
+        (3, 4, "file.pdf pp. 3-4 — Heading > Sub"),
+        (None, None, "file.pdf — Heading > Sub"),
+    ],
+)
+def test_citation_names_file_pages_and_section(page: Any, last_page: Any, expected: str) -> None:
+    assert citation("file.pdf", ["Heading", "Sub"], page, last_page) == expected
+
+
+def test_citation_without_headings_is_the_file_and_page() -> None:
+    assert citation("notes.pdf", [], 2, 2) == "notes.pdf p. 2"
+    assert citation("notes.md", []) == "notes.md"

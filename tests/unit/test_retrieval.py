@@ -110,7 +110,7 @@ class FakeEmbeddings:
 
 
 def fake_store(client: FakeClient, exists: bool = True) -> RagStore:
-    """A real RagStore over the fake client, as for a Milvus server (searches go over pymilvus)."""
+    """A real RagStore over the fake client, as for a Milvus server."""
     client.has_collection = lambda name: exists  # type: ignore[attr-defined]
     return RagStore(
         vectorstore=cast(Any, SimpleNamespace(client=client)),
@@ -125,7 +125,15 @@ def hit(source: str, distance: float, text: str = "t", headers: tuple[str, ...] 
     return {
         "pk": f"id-{source}-{'/'.join(headers)}",
         "distance": distance,
-        "entity": {"text": text, "source": source, "root": "/kb", "headers": list(headers), "chunk_index": 2},
+        "entity": {
+            "text": text,
+            "source": source,
+            "root": "/kb",
+            "headers": list(headers),
+            "chunk_index": 2,
+            "page": None,
+            "last_page": None,
+        },
     }
 
 
@@ -167,8 +175,31 @@ def test_sparse_search_uses_the_raw_text_and_filters_sources() -> None:
         "root": "/kb",
         "headers": ["H"],
         "chunk_index": 2,
+        "page": None,
+        "last_page": None,
         "score": pytest.approx(7.5),  # Milvus Lite's negated BM25 distance, as a score
     }
+
+
+def test_dense_scores_keep_their_sign_and_order() -> None:
+    # IP can be negative (a chunk pointing away from the question): it ranks last, as it is.
+    client = FakeClient(hits={"dense": [hit("a.md", 0.4), hit("b.md", 0.1), hit("c.md", -0.6)]})
+    docs = MilvusRetriever(store=fake_store(client), k=3, search="dense").retrieve("q")
+    assert [(d.metadata["source"], d.metadata["score"]) for d in docs] == [
+        ("a.md", pytest.approx(0.4)),
+        ("b.md", pytest.approx(0.1)),
+        ("c.md", pytest.approx(-0.6)),
+    ]
+
+
+@pytest.mark.parametrize("sign", [1, -1], ids=["milvus", "milvus lite"])
+def test_bm25_scores_are_positive_whichever_sign_the_backend_reports(sign: int) -> None:
+    client = FakeClient(hits={"sparse": [hit("a.md", sign * 7.5), hit("b.md", sign * 3.0)]})
+    docs = MilvusRetriever(store=fake_store(client), k=2, search="sparse").retrieve("q")
+    assert [(d.metadata["source"], d.metadata["score"]) for d in docs] == [
+        ("a.md", pytest.approx(7.5)),
+        ("b.md", pytest.approx(3.0)),
+    ]
 
 
 def test_dense_search_embeds_once_and_searches_the_summed_vector_once() -> None:
@@ -210,17 +241,17 @@ def test_hybrid_adds_bm25_and_collapses_sections() -> None:
 
 
 def test_fuse_gives_missing_candidates_the_list_floor() -> None:
-    a, b, c = ({"pk": p, "distance": 0.0, "entity": {}} for p in "abc")
+    a, b, c = ({"pk": p, "score": 0.0, "entity": {}} for p in "abc")
     lists = [
-        (1.0, [{**a, "distance": 0.9}, {**b, "distance": 0.5}]),
-        (0.5, [{**c, "distance": 0.8}, {**b, "distance": 0.4}]),
+        (1.0, [{**a, "score": 0.9}, {**b, "score": 0.5}]),
+        (0.5, [{**c, "score": 0.8}, {**b, "score": 0.4}]),
     ]
-    scores = {h["pk"]: h["distance"] for h in fuse(lists)}
+    scores = {h["pk"]: h["score"] for h in fuse(lists)}
     assert scores["a"] == pytest.approx(0.9 + 0.5 * 0.4)  # missing from list 2: its floor
     assert scores["b"] == pytest.approx(0.5 + 0.5 * 0.4)
     assert scores["c"] == pytest.approx(0.5 + 0.5 * 0.8)  # missing from list 1: its floor
     assert [h["pk"] for h in fuse(lists)] == ["a", "c", "b"]
-    assert [h["distance"] for h in scale([{**a, "distance": 2.0}, {**b, "distance": 6.0}])] == [0.0, 1.0]
+    assert [h["score"] for h in scale([{**a, "score": 2.0}, {**b, "score": 6.0}])] == [0.0, 1.0]
 
 
 def test_collapse_keeps_the_best_chunk_per_section() -> None:
@@ -284,18 +315,15 @@ def test_retriever_is_a_langchain_runnable() -> None:
     assert [d.page_content for d in docs] == ["runnable text"]
 
 
+def test_to_document_carries_the_pages_of_a_pdf_chunk() -> None:
+    entity = {**hit("guide.pdf", 0.7)["entity"], "page": 3, "last_page": 4}
+    doc = to_document({"pk": "p", "distance": 0.7, "entity": entity})
+    assert (doc.metadata["page"], doc.metadata["last_page"]) == (3, 4)
+
+
 def test_to_document_handles_flat_hits() -> None:
-    doc = to_document({"pk": "x", "distance": 0.5, "text": "flat", "source": "s.md"})
+    doc = to_document({"pk": "x", "score": 0.5, "text": "flat", "source": "s.md"})
     assert doc.page_content == "flat"
     assert doc.metadata["id"] == "x"
     assert doc.metadata["headers"] == []
     assert doc.metadata["score"] == pytest.approx(0.5)
-
-
-def test_lite_engine_lookup_falls_back_to_grpc(make_settings: Any, tmp_path: Any) -> None:
-    from store.milvus import lite_database
-
-    # A server URI is always searched over gRPC; so is a Lite file this process hasn't opened.
-    assert lite_database(make_settings(MILVUS_URI="http://127.0.0.1:19530")) is None
-    assert lite_database(make_settings(MILVUS_URI=str(tmp_path / "unopened.db"))) is None
-    assert not (tmp_path / "unopened.db").exists()

@@ -7,6 +7,7 @@ import os
 import re
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from langchain_core.documents import Document
@@ -23,7 +24,7 @@ def corpus() -> Path:
     return CORPUS
 
 
-def load(*paths: Path | str, **kwargs: int) -> tuple[dict[str, Document], list[Skipped]]:
+def load(*paths: Path | str, **kwargs: Any) -> tuple[dict[str, Document], list[Skipped]]:
     loader = DocumentSourceLoader([str(p) for p in paths], **kwargs)
     docs = loader.load()
     by_source = {d.metadata["source"]: d for d in docs}
@@ -64,7 +65,11 @@ def test_folder_yields_nested_text_files_with_relative_posix_sources(tmp_path: P
     docs, skipped = load(root)
 
     assert sorted(docs) == ["a.md", "guide.rst", "notes.txt", "sub/deeper/b.markdown"]
-    assert skipped == []
+    # Files of other types are listed with their type; hidden ones are not.
+    assert {(s.source, s.reason, s.kind) for s in skipped} == {
+        ("picture.png", "unsupported file type .png", "unsupported"),
+        ("data.json", "unsupported file type .json", "unsupported"),
+    }
     for source, doc in docs.items():
         assert doc.metadata["root"] == str(root.resolve())
         assert doc.page_content == (root / source).read_text(encoding="utf-8")
@@ -112,7 +117,9 @@ def test_zip_sources_are_member_paths(tmp_path: Path) -> None:
     assert sorted(docs) == ["docs/guide/intro.md", "docs/readme.txt"]
     assert {d.metadata["root"] for d in docs.values()} == {str(archive.resolve())}
     assert docs["docs/guide/intro.md"].page_content == "# Intro\n\nhello\n"
-    assert skipped == []
+    assert [(s.path, s.reason, s.kind) for s in skipped] == [
+        (f"{archive.resolve()}!docs/logo.png", "unsupported file type .png", "unsupported")
+    ]
 
 
 def test_zip_bad_members_are_skipped_with_member_path(tmp_path: Path) -> None:
@@ -300,10 +307,16 @@ def test_count_candidates_matches_the_files_looked_at(tmp_path: Path) -> None:
     expected = loader.count_candidates()
     docs = loader.load()
 
-    # 3 in the folder (one of them empty), 2 in the archive, 1 file, 1 missing path.
+    # 3 in the folder (one of them empty), 2 in the archive, 1 file, 1 missing path; the two
+    # pictures are passed over by name, without being read.
     assert expected == 7
-    assert len(docs) + len(loader.skipped) == expected
+    failed = [s for s in loader.skipped if s.kind == "failed"]
+    assert len(docs) + len(failed) == expected
     assert len(docs) == 5
+    assert (
+        sorted(s.reason for s in loader.skipped if s.kind == "unsupported")
+        == ["unsupported file type .png"] * 2
+    )
 
 
 # --- includes -----------------------------------------------------------------------------
