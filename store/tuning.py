@@ -95,11 +95,12 @@ class MinedPairs:
 class TuneConfig:
     """How the model is trained. The defaults are the measured ones (docs/benchmarks.md)."""
 
-    # Passes over the training pairs: enough for `target_passes` pair-passes, within these bounds
-    # (a small corpus gets more epochs of its few pairs; the docs corpus about two).
+    # Passes over the training pairs: enough for `target_passes` pair-passes, within these bounds.
+    # A large corpus gets one (the time budget); no corpus more than two, as a small one
+    # overfits its few pairs past that (docs/benchmarks.md).
     epochs: float | None = None
     min_epochs: float = 1.0
-    max_epochs: float = 6.0
+    max_epochs: float = 2.0
     target_passes: int = 4000
     batch_size: int = 32
     learning_rate: float = 3e-5
