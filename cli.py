@@ -206,23 +206,33 @@ def cmd_mcp(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
 
 def cmd_stats(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     """What the collection holds."""
+    from store.active import describe_active
     from store.milvus import collection_stats
 
     service = _service(settings, llm=None)
     try:
-        stats = {"knowledge_base": args.kb, **collection_stats(service.get_store())}
+        store = service.get_store()
+        stats = {"knowledge_base": args.kb, **collection_stats(store)}
+        stats.update(describe_active(store.client, settings.collection, store.collection))
     finally:
         service.close()
     if len(settings.knowledge_base_names) > 1:
         stats["knowledge_bases"] = settings.knowledge_base_names
     if args.json:
         print(json.dumps(stats), file=out)
-    else:
-        for key, value in stats.items():
-            shown = value if not isinstance(value, list) else len(value)
-            if key == "knowledge_bases":
-                shown = ", ".join(value)
-            print(f"{key:16} {shown}", file=out)
+        return 0
+    tune = stats.pop("tune", None)
+    for key, value in stats.items():
+        shown = value if not isinstance(value, list) else len(value)
+        if key == "knowledge_bases":
+            shown = ", ".join(value)
+        print(f"{key:18} {shown}", file=out)
+    for name, before in (tune or {}).get("before", {}).items():
+        after = tune["after"].get(name, {})
+        figures = ", ".join(
+            f"{m} {before[m]:.3f} → {after.get(m, 0):.3f}" for m in ("hit@1", "hit@3", "mrr@10")
+        )
+        print(f"{'tuned on':18} {name} ({tune['search']}): {figures}", file=out)
     return 0
 
 
@@ -263,6 +273,44 @@ def cmd_eval(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
         for name, metrics in results.items():
             if metrics["missed@3"]:
                 print(f"{name}: not in top 3: {', '.join(metrics['missed@3'])}", file=out)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    """Fine-tune the embedding model on the collection, rebuild it beside the old one, switch."""
+    if args.rollback:
+        from service import rollback_collection
+
+        left, now = rollback_collection(settings)
+        if args.json:
+            print(json.dumps({"collection": settings.collection, "from": left, "to": now}), file=out)
+        else:
+            print(f"rolled back: {settings.collection} is served by {now} again (was {left})", file=out)
+        return 0
+    from service import tune_collection
+    from store.tuning import TuneConfig
+
+    config = TuneConfig()
+    for name in ("epochs", "batch_size", "max_pairs"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    writer = None
+    if args.doc2query:
+        if not settings.llm_configured:
+            raise InputError("--doc2query writes questions with DeepSeek: set DEEPSEEK_API_KEY")
+        from chains.doc2query import make_question_writer
+        from chains.llm import make_llm
+
+        writer = make_question_writer(make_llm(settings), settings, progress=not (args.json or args.quiet))
+    report = tune_collection(
+        settings,
+        eval_file=args.eval,
+        force=args.force,
+        config=config,
+        progress=not (args.json or args.quiet),
+        question_writer=writer,
+    )
+    print(json.dumps(report.as_dict()) if args.json else report.summary(), file=out)
     return 0
 
 
@@ -349,6 +397,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _kb_option(p)
     p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser(
+        "tune",
+        help="fine-tune the embedding model on the collection and switch to it if not worse",
+        description="Fine-tune the embedding model on pairs mined from the stored chunks, re-embed "
+        "them into a new collection while the old one serves, compare the two on held-out pairs "
+        "(and --eval questions), and switch only if the new one is not worse.",
+    )
+    p.add_argument("--eval", metavar="FILE", help="also compare on these questions (JSONL, as rag eval)")
+    p.add_argument("--force", action="store_true", help="switch even if the tuned model scores worse")
+    p.add_argument("--rollback", action="store_true", help="go back to the collection the last tune replaced")
+    p.add_argument("--doc2query", action="store_true", help="add questions written by DeepSeek per chunk")
+    p.add_argument("--epochs", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--max-pairs", type=int, default=None, help="train on at most this many pairs")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _kb_option(p)
+    p.set_defaults(handler=cmd_tune)
 
     p = sub.add_parser("stats", help="what the collection holds")
     p.add_argument("--json", action="store_true")

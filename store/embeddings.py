@@ -57,7 +57,9 @@ def model_dimension(model_dir: Path) -> int | None:
         for module in modules:
             cfg = model_dir / module.get("path", "") / "config.json"
             if module.get("type", "").endswith("Pooling") and cfg.is_file():
-                dims = json.loads(cfg.read_text()).get("word_embedding_dimension")
+                pooling = json.loads(cfg.read_text())
+                # `embedding_dimension` since sentence-transformers 6 (a model `rag tune` saved).
+                dims = pooling.get("word_embedding_dimension", pooling.get("embedding_dimension"))
             elif module.get("type", "").endswith("Dense") and cfg.is_file():
                 dims = json.loads(cfg.read_text()).get("out_features")
         if isinstance(dims, int):

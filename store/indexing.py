@@ -99,6 +99,27 @@ class IngestReport:
         )
 
 
+def write_chunks(store: RagStore, items: list[tuple[str, Document]]) -> None:
+    """Embed chunks with the store's model and write them under the given ids."""
+    if not items:
+        return
+    texts = [d.page_content for _, d in items]
+    embed = store.embeddings.embed_documents
+    vectors = embed(texts)
+    # Chunks of one section share their heading: embed each distinct heading once.
+    headings = [heading_text(d) for _, d in items]
+    distinct = sorted(set(headings))
+    by_heading = dict(zip(distinct, embed(distinct), strict=True))
+    written_at = int(time.time())
+    store.vectorstore.add_embeddings(
+        texts,
+        [dense_vector(v, by_heading[h]) for v, h in zip(vectors, headings, strict=True)],
+        # A re-embedded chunk (rag tune) keeps when it was ingested; a new one gets now.
+        [{INGESTED_AT_FIELD: written_at, **d.metadata} for _, d in items],
+        ids=[i for i, _ in items],
+    )
+
+
 class _Writer:
     """Buffers new chunks, embeds them in batches and writes them, then runs deletes."""
 
@@ -119,23 +140,9 @@ class _Writer:
 
     def flush(self) -> None:
         if self.pending:
-            ids = [i for i, _ in self.pending]
-            texts = [d.page_content for _, d in self.pending]
-            embed = self.store.embeddings.embed_documents
-            vectors = embed(texts)
-            # Chunks of one section share their heading: embed each distinct heading once.
-            headings = [heading_text(d) for _, d in self.pending]
-            distinct = sorted(set(headings))
-            by_heading = dict(zip(distinct, embed(distinct), strict=True))
-            written_at = int(time.time())
-            self.store.vectorstore.add_embeddings(
-                texts,
-                [dense_vector(v, by_heading[h]) for v, h in zip(vectors, headings, strict=True)],
-                [{**d.metadata, INGESTED_AT_FIELD: written_at} for _, d in self.pending],
-                ids=ids,
-            )
-            self.bar.set_postfix_str(f"{len(ids)} chunks embedded", refresh=False)
-            self.unsealed += len(ids)
+            write_chunks(self.store, self.pending)
+            self.bar.set_postfix_str(f"{len(self.pending)} chunks embedded", refresh=False)
+            self.unsealed += len(self.pending)
             self.pending = []
         # Deletes only after the replacing chunks are stored: see the module docstring.
         self.delete(self.pending_deletes)

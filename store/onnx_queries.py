@@ -51,7 +51,10 @@ def supported(model_dir: Path) -> bool:
     except (OSError, ValueError):
         return False
     kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
-    return kinds == ["Transformer", "Pooling", "Normalize"] and bool(pooling.get("pooling_mode_mean_tokens"))
+    # sentence-transformers before 6 wrote `pooling_mode_mean_tokens`; 6 writes `pooling_mode`
+    # (a model `rag tune` saved).
+    mean = bool(pooling.get("pooling_mode_mean_tokens")) or pooling.get("pooling_mode") == "mean"
+    return kinds == ["Transformer", "Pooling", "Normalize"] and mean
 
 
 def cache_path(model_dir: Path, cache_dir: Path) -> Path:
@@ -81,6 +84,12 @@ def max_tokens(model_dir: Path) -> int:
     try:
         config = json.loads((model_dir / "sentence_bert_config.json").read_text())
         return int(config["max_seq_length"])
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        # sentence-transformers 6 saves the limit as the tokenizer's.
+        config = json.loads((model_dir / "tokenizer_config.json").read_text())
+        return min(int(config["model_max_length"]), 512)
     except (OSError, ValueError, KeyError):
         return 256
 

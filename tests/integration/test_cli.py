@@ -125,8 +125,8 @@ def test_each_verb_takes_a_knowledge_base(cli_env: dict[str, str], tmp_path: Pat
     assert hr["collection"] == "rag_docs_hr" and hr["knowledge_bases"] == ["default", "hr", "eng"]
     assert default["knowledge_base"] == "default" and default["total_chunks"] == int(cli_env["FAQ_CHUNKS"])
     assert "leave.md" not in default["sources"]
-    listed = run(["stats", "--kb", "eng"], env).stdout.splitlines()
-    assert "knowledge_base   eng" in listed and "knowledge_bases  default, hr, eng" in listed
+    listed = [line.split(maxsplit=1) for line in run(["stats", "--kb", "eng"], env).stdout.splitlines()]
+    assert ["knowledge_base", "eng"] in listed and ["knowledge_bases", "default, hr, eng"] in listed
 
     found = run(["search", "paid leave", "--kb", "hr", "--json"], env)
     assert [r["source"] for r in json.loads(found.stdout)["results"]] == ["leave.md"]

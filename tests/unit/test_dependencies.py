@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parents[2]
 # Declared without an import of ours, each for the reason pyproject.toml gives beside it.
 NEEDED_WITHOUT_IMPORT = {
     "sse-starlette": "langserve's streaming endpoints import it",
-    "sentence-transformers": "pymilvus-model's SentenceTransformerEmbeddingFunction imports it",
     "python-multipart": "Starlette's form parser (POST /documents uploads) imports it",
     "markdownify": "langchain-community's MarkdownifyTransformer (loaders/formats.py) imports it",
+    "accelerate": "transformers' Trainer (sentence-transformers' trainer, rag tune) requires it",
 }
 
 
