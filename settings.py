@@ -60,7 +60,9 @@ class Settings(BaseSettings):
     cache_dir: str = Field(default="~/.cache/milvus-deepseek-rag", alias="RAG_CACHE_DIR")
     top_k: int = Field(default=3, alias="RAG_TOP_K", ge=1, le=50)
     max_k: int = Field(default=20, alias="RAG_MAX_K", ge=1)
-    search: SearchMode = Field(default="hybrid", alias="RAG_SEARCH")
+    # Dense: on paraphrased questions hybrid scores within a question or two of it at over twice
+    # the latency on a large corpus in Milvus Lite (docs/benchmarks.md, rag tune).
+    search: SearchMode = Field(default="dense", alias="RAG_SEARCH")
     index: Literal["FLAT", "HNSW"] = Field(default="FLAT", alias="RAG_INDEX")
     chunk_tokens: int = Field(default=240, alias="RAG_CHUNK_TOKENS", ge=32, le=254)
     max_question_chars: int = Field(default=4000, alias="RAG_MAX_QUESTION_CHARS", ge=1)

@@ -47,7 +47,7 @@ def test_defaults(clean_env: pytest.MonkeyPatch) -> None:
     assert s.milvus_uri == "./milvus_rag.db"
     assert s.collection == "rag_docs"
     assert s.top_k == 3
-    assert s.search == "hybrid"
+    assert s.search == "dense"
     assert s.embedding == "minilm"
     assert s.chunk_tokens <= 254
     assert not s.llm_configured
