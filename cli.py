@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from settings import DEFAULT_KB, Settings, get_settings, import_pymilvus_safely
 PROJECT_DOCS = Path(__file__).resolve().parent / "docs"
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
 
 
 def _service(settings: Settings, llm: Any = "auto") -> Any:
@@ -453,6 +455,13 @@ def main(
     except KeyboardInterrupt:
         print("rag: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader stopped reading (`rag search < questions | head`): end quietly, with the
+        # status a shell gives a program killed by SIGPIPE, as other command-line tools do.
+        if out is sys.stdout:
+            # Python flushes stdout at exit, which would raise again: point it at /dev/null.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # anything else: one line, not a traceback
         from pydantic import ValidationError
 

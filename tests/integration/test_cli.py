@@ -56,6 +56,28 @@ def test_ingest_again_adds_nothing_and_shows_a_summary(cli_env: dict[str, str], 
     assert set(report) >= {"files", "added", "updated", "unchanged", "deleted", "total_chunks", "seconds"}
 
 
+def test_a_reader_that_stops_early_ends_the_command_quietly(cli_env: dict[str, str]) -> None:
+    """`rag search < questions | head -1`: no error line, no traceback, SIGPIPE's status."""
+    questions = "\n".join(f"{QUESTION} {n}" for n in range(200)) + "\n"  # ~1 MB of JSON lines
+    process = subprocess.Popen(
+        [*RAG, "search", "--json", "-k", "10"],
+        cwd=REPO,
+        env=cli_env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdin and process.stdout and process.stderr
+    process.stdin.write(questions)
+    process.stdin.close()
+    first = process.stdout.readline()
+    process.stdout.close()  # what `head -1` does after its line
+    assert process.wait(timeout=120) == 141
+    assert json.loads(first)["query"] == f"{QUESTION} 0"
+    assert process.stderr.read() == ""
+
+
 def test_search_reads_queries_from_stdin_as_json_lines(cli_env: dict[str, str]) -> None:
     result = run(["search", "--json", "-k", "2"], cli_env, stdin=f"{QUESTION}\netcd pod pending\n")
     assert result.returncode == 0, result.stderr
