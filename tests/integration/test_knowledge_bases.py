@@ -188,22 +188,9 @@ def openai_client(url: str, name: str, kb: str | None) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=base, api_key=key(name), max_retries=0)
 
 
-async def openai_chat(url: str, name: str, kb: str) -> Outcome:
-    """Any OpenAI client, with the knowledge base's base URL."""
-    async with openai_client(url, name, kb) as client:
-        try:
-            completion = await client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": QUESTION}]
-            )
-        except openai.APIStatusError as error:
-            return error.status_code, error.response.text
-    return 200, completion.model_dump_json()
-
-
-async def openai_alias(url: str, name: str, kb: str) -> Outcome:
-    """One base URL for every knowledge base: the model `{kb}:{model}` names it."""
-    model = MODEL if kb == DEFAULT_KB else f"{kb}:{MODEL}"
-    async with openai_client(url, name, None) as client:
+async def complete(url: str, name: str, base_kb: str | None, model: str) -> Outcome:
+    """One chat completion through the openai client, its base URL that of `base_kb`."""
+    async with openai_client(url, name, base_kb) as client:
         try:
             completion = await client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": QUESTION}]
@@ -211,6 +198,16 @@ async def openai_alias(url: str, name: str, kb: str) -> Outcome:
         except openai.APIStatusError as error:
             return error.status_code, error.response.text
     return 200, completion.model_dump_json()
+
+
+async def openai_chat(url: str, name: str, kb: str) -> Outcome:
+    """Any OpenAI client, with the knowledge base's base URL."""
+    return await complete(url, name, kb, MODEL)
+
+
+async def openai_alias(url: str, name: str, kb: str) -> Outcome:
+    """One base URL for every knowledge base: the model `{kb}:{model}` names it."""
+    return await complete(url, name, None, MODEL if kb == DEFAULT_KB else f"{kb}:{MODEL}")
 
 
 async def openai_models(url: str, name: str, kb: str) -> Outcome:
