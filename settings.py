@@ -52,11 +52,10 @@ class Settings(BaseSettings):
 
     embedding: str = Field(default="minilm", alias="RAG_EMBEDDING")
     embedding_batch_size: int = Field(default=64, alias="RAG_EMBEDDING_BATCH", ge=1)
-    # Questions through an int8 copy of an ONNX export of the model (2x faster than the
-    # export, which is 2.5x faster than torch here), the export itself, or torch.
-    query_encoder: Literal["onnx-int8", "onnx", "torch"] = Field(
-        default="onnx-int8", alias="RAG_QUERY_ENCODER"
-    )
+    # Questions through an ONNX export of the model (2.5x faster than torch here), its int8
+    # copy (faster again, but it costs a model tuned by `rag tune` several questions of
+    # quality: docs/benchmarks.md), or torch.
+    query_encoder: Literal["onnx-int8", "onnx", "torch"] = Field(default="onnx", alias="RAG_QUERY_ENCODER")
     cache_dir: str = Field(default="~/.cache/milvus-deepseek-rag", alias="RAG_CACHE_DIR")
     top_k: int = Field(default=3, alias="RAG_TOP_K", ge=1, le=50)
     max_k: int = Field(default=20, alias="RAG_MAX_K", ge=1)

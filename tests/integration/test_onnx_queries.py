@@ -148,13 +148,13 @@ def test_embeddings_use_onnx_for_questions_and_skip_torch_when_cached(
     assert np.dot(vector, embeddings.embed_query(QUESTIONS[0])) > 0.9999
 
 
-def test_settings_choose_the_int8_copy_by_default(tmp_path: Path, embeddings: Any) -> None:
+def test_settings_choose_the_exact_export_by_default(tmp_path: Path, embeddings: Any) -> None:
     from settings import Settings
     from store.embeddings import make_embeddings
 
     for encoder, backend in (("onnx-int8", "onnx-int8"), ("onnx", "onnx"), ("torch", "torch")):
         values: dict[str, Any] = {"RAG_CACHE_DIR": str(tmp_path)}
-        if encoder != "onnx-int8":  # the default
+        if encoder != "onnx":  # the default
             values["RAG_QUERY_ENCODER"] = encoder
         model = make_embeddings(Settings(_env_file=None, **values))
         model._function = embeddings.function  # the session's loaded torch model, for the export
