@@ -414,8 +414,7 @@ def save_model(model: Any, cache_dir: Path, base_name: str, record: dict[str, An
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=folder))
     try:
-        # No model card: building it embeds example texts behind a progress bar of its own,
-        # which --quiet can't silence, and tune.json records what went into the model.
+        # No model card (a README of the training run): tune.json records what went into it.
         model.save(str(staging), create_model_card=False)
         name = f"{base_name}-tuned-{weights_digest(staging)[:12]}"
         (staging / RECORD_FILE).write_text(json.dumps({"name": name, **record}, indent=2) + "\n")
