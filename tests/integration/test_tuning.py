@@ -77,8 +77,11 @@ def test_tune_switches_to_the_tuned_model_ingest_uses_it_and_rollback_returns(
     assert record["base_model"] == "all-MiniLM-L6-v2" and record["data"]["train_pairs"] == 16
     assert record["figures"]["switched"] is True
 
-    # Questions go through the tuned model's own int8 ONNX copy.
+    # Questions go through the tuned model's own ONNX export, or on request its int8 copy.
     assert top_section(env) == ["Product FAQ", SECTION]
+    exports = [p for p in cache.glob(f"{model}-*.onnx") if not p.name.endswith("-int8.onnx")]
+    assert exports, sorted(p.name for p in cache.iterdir())
+    assert top_section({**env, "RAG_QUERY_ENCODER": "onnx-int8"}) == ["Product FAQ", SECTION]
     assert list(cache.glob(f"{model}-*-int8.onnx")), sorted(p.name for p in cache.iterdir())
 
     # Chunks ingested now are embedded with the tuned model, into the tuned collection.
