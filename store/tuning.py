@@ -113,7 +113,7 @@ class TuneConfig:
     # At most this many training pairs (0: all).
     max_pairs: int = 0
     seed: int = 0
-    kinds: tuple[str, ...] = ("heading", "question", "inline")
+    kinds: tuple[str, ...] = ("heading", "section", "question", "inline")
     # A heading or a bold line phrased as a question is the nearest thing to a user's question
     # that a corpus holds: its pair is repeated this many times.
     question_repeats: int = 3
@@ -200,6 +200,7 @@ def mine_pairs(
 
     Kinds (config.kinds):
     - `heading`: a section's heading path → its first chunk, without the headings;
+    - `section`: the same heading path → each later chunk of its section;
     - `question`: a heading phrased as a question → the same (repeated, see TuneConfig);
     - `inline`: a bold question inside a chunk (`**Can I ...?**`) → that chunk (repeated);
     - `subheading`: a specific deepest heading ("Range search", not "Overview") → the same;
@@ -250,6 +251,13 @@ def mine_pairs(
                 and headers[-1].casefold() not in generic
             ):
                 pairs.append(Pair(headers[-1], body, "subheading", source, headers))
+            if "section" in config.kinds:
+                # The heading path asks for the rest of its section too: a question about a
+                # section's later chunk should find that chunk, not only the section's start.
+                path = heading_path(list(headers))
+                for later in members[1:]:
+                    if chunk_body(later).strip():
+                        pairs.append(Pair(path, chunk_body(later), "section", source, headers))
             if "title" in config.kinds and source not in titled:
                 titled.add(source)
                 # When the first section is the title's own text, the heading pair is this one.

@@ -65,6 +65,23 @@ def test_each_kind_pairs_a_query_like_text_with_its_own_section() -> None:
     assert len(span.anchor.split()) >= 6 and span.anchor not in span.positive, "the sentence is cut out"
 
 
+def test_a_long_section_pairs_its_heading_path_with_every_chunk() -> None:
+    paragraphs = [
+        f"Paragraph {n} says something about range search number {n}, at some length." for n in range(12)
+    ]
+    text = "# Guide\n\n## Range search\n\n" + "\n\n".join(paragraphs) + "\n"
+    chunks = Chunker(token_counter(None), 60).chunks("guide.md", text, extra={"root": "/docs"})
+    for chunk in chunks:
+        chunk.id = f"guide-{chunk.metadata['chunk_index']}"
+    assert len(chunks) >= 3, "the section must span several chunks for this test"
+    pairs = mine_pairs(chunks, TuneConfig(min_holdout=0, holdout_share=0.0)).train  # the defaults
+    assert {p.anchor for p in pairs} == {"Guide > Range search"}
+    assert sorted(p.positive for p in pairs) == sorted(chunk_body(c) for c in chunks)
+    assert [p.kind for p in pairs].count("heading") == 1
+    without = mine_pairs(chunks, TuneConfig(min_holdout=0, holdout_share=0.0, kinds=("heading",))).train
+    assert len(without) == 1, "without the kind only the section's first chunk is asked for"
+
+
 def test_questions_count_three_times() -> None:
     pairs = mined()
     assert {p.kind for p in pairs} == {"heading", "question", "inline"}
