@@ -28,14 +28,11 @@ import os
 import random
 import re
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -299,48 +296,13 @@ def base_model_dir(model_dir: Path | None, spec: str) -> Path:
     return model_dir
 
 
-@contextmanager
-def remembered_interrupt() -> Iterator[threading.Event]:
-    """Ctrl-C during training, remembered as well as raised.
-
-    A KeyboardInterrupt that lands while a library's code runs can be lost there (a tune in
-    the tests once trained to the end after its SIGINT), so the step callback raises it again
-    from the flag. Only the default handler is replaced, and only in the main thread.
-    """
-    pressed = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield pressed
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is not signal.default_int_handler:
-        yield pressed
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        pressed.set()
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield pressed
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 class _ProgressBar:
     """A transformers TrainerCallback that drives one tqdm bar (steps, loss, time left)."""
 
-    def __init__(
-        self, enabled: bool, desc: str = "tune: training", interrupted: threading.Event | None = None
-    ) -> None:
+    def __init__(self, enabled: bool, desc: str = "tune: training") -> None:
         self.enabled = enabled
         self.desc = desc
         self.bar: Any = None
-        self.interrupted = interrupted or threading.Event()
-
-    def check(self) -> None:
-        if self.interrupted.is_set():
-            raise KeyboardInterrupt
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
@@ -358,13 +320,9 @@ class _ProgressBar:
                     dynamic_ncols=True,
                 )
 
-            def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                owner.check()
-
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 if owner.bar is not None:
                     owner.bar.update(1)
-                owner.check()
 
             def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
                 if owner.bar is not None and logs and "loss" in logs:
@@ -437,9 +395,7 @@ def train_model(
     # It prints every log line to stdout when the trainer's own bar is off; ours shows the loss.
     trainer.remove_callback(PrinterCallback)
     try:
-        with remembered_interrupt() as bar.interrupted:
-            trainer.train()
-            bar.check()
+        trainer.train()
     finally:
         bar.close()
     model.max_seq_length = inference_length

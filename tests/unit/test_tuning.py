@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import signal
-
 from langchain_core.documents import Document
 
 from chains.doc2query import parse_questions
 from loaders.markdown import Chunker, token_counter
-from store.tuning import TuneConfig, chunk_body, mine_pairs, remembered_interrupt
+from store.tuning import TuneConfig, chunk_body, mine_pairs
 
 PAGE = """# Page {n}
 
@@ -148,12 +145,3 @@ def test_questions_are_parsed_one_per_line_without_numbers() -> None:
         "How much does it cost per month?",
         "Can I run it on ARM servers?",
     ]
-
-
-def test_ctrl_c_during_training_is_remembered_after_a_library_swallows_it() -> None:
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    with remembered_interrupt() as pressed:
-        with contextlib.suppress(KeyboardInterrupt):  # as a library's finaliser might
-            signal.raise_signal(signal.SIGINT)
-        assert pressed.is_set(), "the step callback raises again from this flag"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler is restored"
