@@ -150,9 +150,15 @@ def test_an_interrupted_tune_leaves_the_old_collection_serving(
     )
     serving = open_service(settings, llm=None)
     serving.embeddings._function = embeddings.function
-    tune = subprocess.Popen(
-        [*RAG, "tune"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    # A Ctrl-C from a terminal: the suite itself may run with SIGINT ignored (`nohup`, `make
+    # test &`), which a child would inherit; a handler, unlike SIG_IGN, is reset at exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        tune = subprocess.Popen(
+            [*RAG, "tune"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         assert tune.stderr is not None
         seen = ""
