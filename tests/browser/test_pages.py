@@ -89,11 +89,16 @@ def test_rag_playground_answers_with_sources_and_applies_its_settings(
     body = llm_server.requests[-1]["body"]
     assert body["model"] == "deepseek-v4-pro" and thinking_enabled(body)
 
-    with page.expect_response(SETTINGS_APPLIED):
-        page.get_by_label("k", exact=True).fill("2")
-        page.get_by_label("source", exact=True).fill("troubleshooting.md")
-        page.get_by_label("Thinking", exact=True).uncheck()
-        page.get_by_label("Temperature", exact=True).fill("0.7")
+    # One wait per change: a wait around all four could end at the first change's schema
+    # and start the run before the source filter applied (seen once in a full run).
+    for change in (
+        lambda: page.get_by_label("k", exact=True).fill("2"),
+        lambda: page.get_by_label("source", exact=True).fill("troubleshooting.md"),
+        lambda: page.get_by_label("Thinking", exact=True).uncheck(),
+        lambda: page.get_by_label("Temperature", exact=True).fill("0.7"),
+    ):
+        with page.expect_response(SETTINGS_APPLIED):
+            change()
     page.get_by_role("button", name="Start").click()
     expect(output).not_to_contain_text('"reasoning"')
     expect(output).to_contain_text('"usage"')
