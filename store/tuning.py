@@ -240,8 +240,9 @@ def mine_pairs(
         first = members[0]
         body = chunk_body(first)
         if headers and body.strip():
+            path = heading_path(list(headers))
             if "heading" in config.kinds:
-                pairs.append(Pair(heading_path(list(headers)), body, "heading", source, headers))
+                pairs.append(Pair(path, body, "heading", source, headers))
             if "question" in config.kinds and is_question(headers[-1]):
                 pairs += [Pair(headers[-1], body, "question", source, headers)] * repeats
             if (
@@ -254,10 +255,8 @@ def mine_pairs(
             if "section" in config.kinds:
                 # The heading path asks for the rest of its section too: a question about a
                 # section's later chunk should find that chunk, not only the section's start.
-                path = heading_path(list(headers))
-                for later in members[1:]:
-                    if chunk_body(later).strip():
-                        pairs.append(Pair(path, chunk_body(later), "section", source, headers))
+                later_bodies = (chunk_body(later) for later in members[1:])
+                pairs += [Pair(path, b, "section", source, headers) for b in later_bodies if b.strip()]
             if "title" in config.kinds and source not in titled:
                 titled.add(source)
                 # When the first section is the title's own text, the heading pair is this one.
